@@ -1,0 +1,105 @@
+"""The ``edge`` command: run the node, one service, or look at its state."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from edge import __version__
+from edge.config import CONFIG_ENV, ConfigError, EdgeConfig, load_config
+from edge.node import SERVICE_NAMES, StartupError, run_services
+
+log = logging.getLogger("edge")
+
+
+def _setup_logging(config: EdgeConfig) -> None:
+    logging.basicConfig(
+        level=config.logging.level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _open_store(config: EdgeConfig) -> None:
+    from edge.store.db import open_database
+
+    open_database(config.data_dir)
+
+
+def cmd_run(config: EdgeConfig, args: argparse.Namespace) -> int:
+    names = SERVICE_NAMES if args.command == "run" else (args.service,)
+    _setup_logging(config)
+    try:
+        asyncio.run(run_services(config, names))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_studies(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from edge.store.queries import list_studies
+
+    _open_store(config)
+    rows = list_studies(limit=args.limit)
+    if args.json:
+        print(json.dumps([r.as_json() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no studies on this node yet")
+        return 0
+    print(f"{'received (UTC)':20}  {'accession':16}  {'mod':6}  {'inst':>5}  {'sync':11}  {'report':7}  study")
+    for r in rows:
+        print(
+            f"{(r.received_at or '')[:19]:20}  {r.accession_number or '-':16}  {','.join(r.modalities) or '-':6}  "
+            f"{r.instances:>5}  {r.sync_state:11}  {r.report_state:7}  {r.study_instance_uid}"
+        )
+        if r.last_error:
+            print(f"{'':22}reason: {r.last_error}")
+    return 0
+
+
+def cmd_status(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from edge.ops.status import format_status, node_status
+
+    _open_store(config)
+    status = node_status(config)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge", description="Clinic Edge node")
+    parser.add_argument("--config", help=f"path to edge.toml (default: ${CONFIG_ENV} or ./edge.toml)")
+    parser.add_argument("--version", action="version", version=f"edge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="all services in one process").set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="one service, as its systemd unit runs it")
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    serve.set_defaults(func=cmd_run)
+    studies = sub.add_parser("studies", help="local studies with their sync and report state")
+    studies.add_argument("--json", action="store_true", help="machine-readable output")
+    studies.add_argument("--limit", type=int, default=None, help="newest N studies only")
+    studies.set_defaults(func=cmd_studies)
+    status = sub.add_parser("status", help="node health: services, queue, disk")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edge: config error: {exc}", file=sys.stderr)
+        return 2
+    return int(args.func(config, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The core's edge.toml sections: [node], [dicom], [storage], [console], [logging]."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def check_ae_title(value: str) -> str:
+    """AE titles are 1–16 printable characters, no backslash, not all spaces."""
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1 to 16 printable characters, without backslash")
+    return value.strip()
+
+
+class Section(BaseModel):
+    """Every section rejects unknown keys, so a typo stops start-up instead of passing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(Section):
+    id: str = Field(default="clinic-0001", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    name: str = Field(default="Example Clinic", min_length=1, max_length=64)
+
+
+class DicomSection(Section):
+    ae_title: str = "EDGE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    require_called_aet: bool = True
+    max_pdu_bytes: int = Field(default=262144, ge=0, le=16777216)
+    max_associations: int = Field(default=8, ge=1, le=64)
+    network_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+    _check_ae = field_validator("ae_title")(check_ae_title)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _check_calling(cls, values: list[str]) -> list[str]:
+        return [check_ae_title(v) for v in values]
+
+    @field_validator("max_pdu_bytes")
+    @classmethod
+    def _check_pdu(cls, value: int) -> int:
+        if value and value < 4096:
+            raise ValueError("use 0 (unlimited) or at least 4096 bytes")
+        return value
+
+
+class StorageSection(Section):
+    data_dir: str = Field(default="var", min_length=1)
+    min_free_mb: int = Field(default=500, ge=0)
+
+
+class ConsoleSection(Section):
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class LoggingSection(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,0 +1,184 @@
+"""The DICOM service: C-ECHO and C-STORE for every storage SOP class pynetdicom knows.
+
+Received datasets are streamed by pynetdicom into a temp file under the data directory
+(``STORE_RECV_CHUNKED_DATASET``), never held whole in memory; the C-STORE handler hands
+that file to :func:`edge.store.spool.keep_instance` and answers Success only after it
+returns. Associations are pynetdicom threads; they write through the store's one-writer
+lock and tell the rest of the node through ``on_kept`` (thread-safe callback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AE,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from edge.config import EdgeConfig
+from edge.dicom.const import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+)
+from edge.ops import metrics
+from edge.store.db import database
+from edge.store.spool import KeptInstance, RejectedInstance, Spool, keep_instance
+
+log = logging.getLogger(__name__)
+
+# Process-wide pynetdicom switches: stream datasets to disk, keep identifiers out of logs.
+_config.STORE_RECV_CHUNKED_DATASET = True
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+OnKept = Callable[[KeptInstance], None]
+
+
+def _calling(event: Any) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+class DicomService:
+    """The node's storage SCP; ``start()`` / ``stop()`` pair like every other service."""
+
+    name = "dicom"
+
+    def __init__(self, config: EdgeConfig, spool: Spool, on_kept: OnKept | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.on_kept = on_kept
+        self._server: ThreadedAssociationServer | None = None
+        self._accepted: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _make_ae(self) -> AE:
+        cfg = self.config.dicom
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_pdu_size = cfg.max_pdu_bytes
+        ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = cfg.network_timeout_s
+        ae.acse_timeout = cfg.network_timeout_s
+        ae.dimse_timeout = cfg.network_timeout_s
+        ae.require_called_aet = cfg.require_called_aet
+        if cfg.allowed_calling_aets:
+            ae.require_calling_aet = list(cfg.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    async def start(self) -> None:
+        """Listen for associations; the spool's temp dir receives the streamed datasets."""
+        # pynetdicom creates its temp file with tempfile; keep it on the spool's filesystem
+        # so the rename into place is atomic (and a power cut leaves it where reconcile looks).
+        tempfile.tempdir = str(self.spool.tmp)
+        cfg = self.config.dicom
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        ae = self._make_ae()
+        self._server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+        log.info("dicom: %s listening on %s:%d", cfg.ae_title, cfg.bind_address, cfg.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await asyncio.to_thread(self._server.shutdown)
+            self._server = None
+            log.info("dicom: stopped")
+
+    def _on_accepted(self, event: Any) -> None:
+        with self._lock:
+            self._accepted.add(id(event.assoc))
+        metrics.ASSOCIATIONS_OPEN.inc()
+        assoc = event.assoc
+        rejected = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        log.info(
+            "dicom: association from %s (%s) accepted%s",
+            _calling(event),
+            assoc.requestor.address,
+            f"; {len(rejected)} proposed SOP class(es) not storable here" if rejected else "",
+        )
+        if rejected:
+            log.debug("dicom: SOP classes refused for %s: %s", _calling(event), " ".join(rejected))
+
+    def _on_rejected(self, event: Any) -> None:
+        metrics.ASSOCIATIONS_REJECTED.inc()
+        log.warning(
+            "dicom: association from %s (%s) to %s rejected: calling AE not allowed or called AE wrong",
+            _calling(event),
+            event.assoc.requestor.address,
+            str(event.assoc.acceptor.ae_title).strip(),
+        )
+
+    def _on_aborted(self, event: Any) -> None:
+        log.warning("dicom: association from %s aborted", _calling(event))
+
+    def _on_closed(self, event: Any) -> None:
+        with self._lock:
+            counted = id(event.assoc) in self._accepted
+            self._accepted.discard(id(event.assoc))
+        if counted:
+            metrics.ASSOCIATIONS_OPEN.dec()
+        # The association thread is ending: give back its database connection.
+        if not database.is_closed():
+            database.close()
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        """Keep the instance durably, then answer; every failure gets a DICOM status."""
+        calling = _calling(event)
+        if self.spool.free_mb() < self.config.storage.min_free_mb:
+            metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
+            log.error(
+                "dicom: refused instance %s from %s: disk almost full (%.0f MB free, minimum %d MB)",
+                event.request.AffectedSOPInstanceUID,
+                calling,
+                self.spool.free_mb(),
+                self.config.storage.min_free_mb,
+            )
+            return _status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
+        try:
+            kept = keep_instance(self.spool, event.dataset_path, calling_aet=calling)
+        except RejectedInstance as exc:
+            metrics.CSTORE_RESULTS.labels("rejected").inc()
+            log.warning(
+                "dicom: refused instance %s from %s: %s (status 0x%04X)",
+                event.request.AffectedSOPInstanceUID,
+                calling,
+                exc.reason,
+                exc.status,
+            )
+            return _status(exc.status, exc.reason)
+        except Exception:  # a bug must not take the association thread down silently
+            metrics.CSTORE_RESULTS.labels("error").inc()
+            log.exception("dicom: failed to keep instance %s from %s", event.request.AffectedSOPInstanceUID, calling)
+            return _status(STATUS_PROCESSING_FAILURE, "edge node could not keep the instance")
+        metrics.CSTORE_RESULTS.labels("duplicate" if kept.duplicate else "kept").inc()
+        if self.on_kept is not None and not kept.duplicate:
+            self.on_kept(kept)
+        return STATUS_SUCCESS
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A status dataset whose Error Comment (LO, 64 chars) the modality can show."""
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds

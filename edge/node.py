@@ -1,0 +1,82 @@
+"""Starting and stopping the node's services in one process, in order and in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Protocol
+
+from edge.config import EdgeConfig
+from edge.console.app import ConsoleService
+from edge.dicom.service import DicomService
+from edge.store.db import open_database
+from edge.store.reconcile import reconcile
+from edge.store.spool import Spool
+
+log = logging.getLogger(__name__)
+
+# Start order; stop is the reverse. `edge run` starts all of them.
+SERVICE_NAMES: tuple[str, ...] = ("dicom", "console")
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class StartupError(Exception):
+    """A service could not start (port in use, data dir unwritable); the message says which."""
+
+
+def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
+    spool = Spool(config.data_dir)
+    services: list[Service] = []
+    for name in SERVICE_NAMES:
+        if name not in names:
+            continue
+        if name == "dicom":
+            report = reconcile(spool)
+            log.info(
+                "reconcile: %d temp file(s) removed, %d spool file(s) indexed, %d unreadable, %d row(s) without file",
+                report.temp_files_removed,
+                report.files_indexed,
+                report.files_unreadable,
+                report.rows_missing_file,
+            )
+            services.append(DicomService(config, spool))
+        elif name == "console":
+            services.append(ConsoleService(config, services=tuple(n for n in names if n == "dicom")))
+    return services
+
+
+async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or ``stop`` is set); stop cleanly in reverse order."""
+    try:
+        open_database(config.data_dir)
+    except OSError as exc:
+        raise StartupError(f"cannot open data directory {config.data_dir}: {exc.strerror}") from None
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[Service] = []
+    try:
+        for service in build_services(config, names):
+            try:
+                await service.start()
+            except OSError as exc:
+                raise StartupError(f"{service.name}: cannot start: {exc.strerror or exc}") from None
+            started.append(service)
+        log.info("node %s up: %s", config.node.id, ", ".join(s.name for s in started))
+        await stop.wait()
+        log.info("node %s stopping", config.node.id)
+    finally:
+        for service in reversed(started):
+            await service.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,1 @@
+"""Node health for technicians and ops: checks, metrics, status."""

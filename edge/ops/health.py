@@ -1,0 +1,98 @@
+"""Health checks shared by /healthz, ``edge status`` and (later) ``edge doctor``."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from peewee import DatabaseError
+
+from edge.config import EdgeConfig
+from edge.store.db import database
+from edge.store.queries import count_missing_files, outbox_summary
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    critical: bool  # a failed critical check makes /healthz answer 503
+    detail: str
+
+
+def disk_free_bytes(config: EdgeConfig) -> int:
+    path = config.data_dir
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def port_listening(address: str, port: int, timeout: float = 1.0) -> bool:
+    """True when something accepts TCP connections there (0.0.0.0 means this host)."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "", "::") else address
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_disk(config: EdgeConfig) -> Check:
+    free_mb = disk_free_bytes(config) / 2**20
+    minimum = config.storage.min_free_mb
+    ok = free_mb >= minimum
+    detail = f"{free_mb:.0f} MB free (minimum {minimum} MB)"
+    if not ok:
+        detail += ": C-STORE answers Out of Resources until space is freed"
+    return Check("disk", ok, True, detail)
+
+
+def check_database() -> Check:
+    try:
+        database.execute_sql("SELECT 1").fetchone()
+    except DatabaseError as exc:
+        return Check("database", False, True, f"cannot read the database: {exc}")
+    return Check("database", True, True, "readable")
+
+
+def check_dicom(config: EdgeConfig) -> Check:
+    cfg = config.dicom
+    up = port_listening(cfg.bind_address, cfg.port)
+    return Check("dicom", up, True, f"{cfg.ae_title} on port {cfg.port} " + ("listening" if up else "not listening"))
+
+
+def check_spool_files() -> Check:
+    missing = count_missing_files()
+    return Check("spool_files", missing == 0, False, f"{missing} instance file(s) missing from the spool" if missing else "all present")
+
+
+def check_outbox() -> Check:
+    summary = outbox_summary()
+    quarantined = summary.by_state.get("quarantined", 0)
+    detail = f"{summary.depth} waiting for the cloud"
+    if quarantined:
+        detail += f", {quarantined} quarantined (need a human: edge studies)"
+    return Check("outbox", quarantined == 0, False, detail)
+
+
+def run_checks(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> list[Check]:
+    checks = [check_database(), check_disk(config)]
+    if "dicom" in services:
+        checks.append(check_dicom(config))
+    if checks[0].ok:
+        checks += [check_spool_files(), check_outbox()]
+    return checks
+
+
+def health_report(config: EdgeConfig, checks: list[Check]) -> tuple[bool, dict[str, Any]]:
+    """(healthy, JSON body): unhealthy only when a critical check fails."""
+    healthy = all(c.ok for c in checks if c.critical)
+    degraded = any(not c.ok for c in checks)
+    status = "ok" if not degraded else ("degraded" if healthy else "failing")
+    return healthy, {
+        "status": status,
+        "node_id": config.node.id,
+        "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in checks},
+    }

@@ -1,0 +1,61 @@
+"""``edge status``: the node's state in one look, for the technician and ops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.config import EdgeConfig
+from edge.ops.health import check_disk, disk_free_bytes, port_listening
+from edge.store.queries import count_instances, count_missing_files, outbox_summary
+
+
+def node_status(config: EdgeConfig) -> dict[str, Any]:
+    """Everything ``edge status --json`` prints; reads the store, probes the ports."""
+    summary = outbox_summary()
+    studies, instances, size = count_instances()
+    disk = check_disk(config)
+    services = {
+        "dicom": "up" if port_listening(config.dicom.bind_address, config.dicom.port) else "down",
+        "console": "up" if port_listening(config.console.bind_address, config.console.port) else "down",
+    }
+    return {
+        "node": {"id": config.node.id, "name": config.node.name, "ae_title": config.dicom.ae_title},
+        "services": services,
+        "outbox": {
+            "depth": summary.depth,
+            "by_state": summary.by_state,
+            "oldest_age_s": None if summary.oldest_pending_age_s is None else round(summary.oldest_pending_age_s),
+            "last_upload_at": summary.last_upload_at,
+        },
+        "store": {
+            "studies": studies,
+            "instances": instances,
+            "bytes": size,
+            "files_missing": count_missing_files(),
+            "data_dir": str(config.data_dir),
+        },
+        "disk": {
+            "free_mb": round(disk_free_bytes(config) / 2**20),
+            "min_free_mb": config.storage.min_free_mb,
+            "ok": disk.ok,
+        },
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The human view: one line per item, problems spelled out."""
+    node, outbox, store, disk = status["node"], status["outbox"], status["store"], status["disk"]
+    lines = [f"node      {node['id']} ({node['name']}), AE title {node['ae_title']}"]
+    lines += [f"service   {name}: {state}" for name, state in status["services"].items()]
+    age = outbox["oldest_age_s"]
+    lines.append(
+        f"outbox    {outbox['depth']} waiting"
+        + (f", oldest {age // 60} min" if age is not None else "")
+        + (f", quarantined {outbox['by_state']['quarantined']}" if outbox["by_state"].get("quarantined") else "")
+    )
+    lines.append(f"uploaded  last at {outbox['last_upload_at'] or 'never'}")
+    lines.append(f"store     {store['studies']} studies, {store['instances']} instances, {store['bytes'] / 2**20:.1f} MB")
+    if store["files_missing"]:
+        lines.append(f"PROBLEM   {store['files_missing']} instance file(s) missing from the spool (see event log)")
+    lines.append(f"disk      {disk['free_mb']} MB free (minimum {disk['min_free_mb']} MB)" + ("" if disk["ok"] else "  PROBLEM: disk full, C-STORE refused"))
+    return "\n".join(lines)

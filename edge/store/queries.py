@@ -1,0 +1,118 @@
+"""Read-only views of the store that the CLI, console and metrics share."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from peewee import fn
+
+from edge.store.models import Instance, Outbox, Series, Study, utcnow
+
+# A study's sync state is its worst instance's: one quarantined instance needs a human.
+_STATE_ORDER = ("quarantined", "failed", "sending", "pending", "synced")
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """UTC timestamps as ISO 8601 with Z, the format in every JSON output."""
+    return value.replace(microsecond=0).isoformat() + "Z" if value else None
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_instance_uid: str
+    accession_number: str
+    modalities: list[str]
+    instances: int
+    received_at: str | None
+    sync_state: str
+    report_state: str
+    last_error: str
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def study_sync_state(states: set[str]) -> str:
+    """Aggregate instance outbox states into the study's state."""
+    for state in _STATE_ORDER:
+        if state in states:
+            return state
+    return "pending"
+
+
+def list_studies(limit: int | None = None) -> list[StudyRow]:
+    """Studies newest first with instance counts and their sync and report state."""
+    studies = list(Study.select().order_by(Study.received_at.desc(), Study.id.desc()).limit(limit))
+    if not studies:
+        return []
+    ids = [s.id for s in studies]
+    counts = dict(
+        Instance.select(Instance.study, fn.COUNT(Instance.id)).where(Instance.study.in_(ids)).group_by(Instance.study).tuples()
+    )
+    modalities: dict[int, set[str]] = {}
+    for study_id, modality in Series.select(Series.study, Series.modality).where(Series.study.in_(ids)).tuples():
+        if modality:
+            modalities.setdefault(study_id, set()).add(modality)
+    states: dict[int, set[str]] = {}
+    errors: dict[int, str] = {}
+    query = (
+        Outbox.select(Instance.study, Outbox.state, Outbox.last_error)
+        .join(Instance)
+        .where(Instance.study.in_(ids))
+        .tuples()
+    )
+    for study_id, state, error in query:
+        states.setdefault(study_id, set()).add(state)
+        if error and state in ("quarantined", "failed"):
+            errors[study_id] = error
+    return [
+        StudyRow(
+            study_instance_uid=s.study_instance_uid,
+            accession_number=s.accession_number,
+            modalities=sorted(modalities.get(s.id, set())),
+            instances=counts.get(s.id, 0),
+            received_at=iso(s.received_at),
+            sync_state=study_sync_state(states.get(s.id, set())),
+            report_state=s.report_state,
+            last_error=errors.get(s.id, ""),
+        )
+        for s in studies
+    ]
+
+
+@dataclass(frozen=True)
+class OutboxSummary:
+    by_state: dict[str, int]
+    oldest_pending_age_s: float | None
+    last_upload_at: str | None
+
+    @property
+    def depth(self) -> int:
+        """Instances still to reach the cloud (all but synced)."""
+        return sum(n for state, n in self.by_state.items() if state != "synced")
+
+
+def outbox_summary() -> OutboxSummary:
+    by_state = dict(Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state).tuples())
+    oldest = Outbox.select(fn.MIN(Outbox.created_at)).where(Outbox.state != "synced").scalar()
+    last = Outbox.select(fn.MAX(Outbox.updated_at)).where(Outbox.state == "synced").scalar()
+    age = None
+    if oldest is not None:
+        oldest = oldest if isinstance(oldest, dt.datetime) else dt.datetime.fromisoformat(str(oldest))
+        age = max(0.0, (utcnow() - oldest).total_seconds())
+    if last is not None and not isinstance(last, dt.datetime):
+        last = dt.datetime.fromisoformat(str(last))
+    return OutboxSummary(by_state=by_state, oldest_pending_age_s=age, last_upload_at=iso(last))
+
+
+def count_missing_files() -> int:
+    return Instance.select().where(Instance.file_missing == True).count()  # noqa: E712
+
+
+def count_instances() -> tuple[int, int, int]:
+    """(studies, instances, bytes) kept on this node."""
+    studies = Study.select().count()
+    instances, size = Instance.select(fn.COUNT(Instance.id), fn.COALESCE(fn.SUM(Instance.size), 0)).tuples().get()
+    return studies, instances, int(size)

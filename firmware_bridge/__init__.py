@@ -1,0 +1,1 @@
+"""ECG collection boxes over serial (see issue: wire protocol, sessions, DICOM ECG)."""

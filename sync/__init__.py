@@ -1,0 +1,1 @@
+"""Store-and-forward to the regional cloud PACS over DICOMweb."""
