@@ -9,3 +9,35 @@ STATUS_OUT_OF_RESOURCES: Final = 0xA700
 STATUS_DATASET_MISMATCH: Final = 0xA900
 STATUS_CANNOT_UNDERSTAND: Final = 0xC000
 STATUS_PROCESSING_FAILURE: Final = 0x0110
+
+# Transfer syntaxes in the order we accept them when a modality offers several in one
+# presentation context: lossless compressed first (smaller, nothing lost), then
+# uncompressed, then lossy and video last so we never ask a modality to lose detail.
+LOSSLESS_COMPRESSED: Final = (
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 part 2 lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K RPCL lossless
+    "1.2.840.10008.1.2.4.110",  # JPEG XL lossless
+    "1.2.840.10008.1.2.5",  # RLE lossless
+)
+UNCOMPRESSED: Final = (
+    "1.2.840.10008.1.2.1",  # Explicit VR little endian
+    "1.2.840.10008.1.2",  # Implicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # Deflated explicit VR little endian
+    "1.2.840.10008.1.2.2",  # Explicit VR big endian (retired, still sent by old modalities)
+)
+# Referenced-pixel syntaxes carry no pixel data of their own: nothing to keep.
+NOT_KEPT: Final = frozenset(
+    {"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205"}
+)
+
+
+def accepted_transfer_syntaxes(known: list[str]) -> list[str]:
+    """Every transfer syntax pynetdicom knows, in our order of preference."""
+    first = [ts for ts in (*LOSSLESS_COMPRESSED, *UNCOMPRESSED) if ts in known]
+    rest = [ts for ts in known if ts not in first and ts not in NOT_KEPT]
+    return first + rest

@@ -32,6 +32,7 @@ from edge.dicom.const import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
+    accepted_transfer_syntaxes,
 )
 from edge.ops import metrics
 from edge.store.db import database
@@ -77,8 +78,9 @@ class DicomService:
         if cfg.allowed_calling_aets:
             ae.require_calling_aet = list(cfg.allowed_calling_aets)
         ae.add_supported_context(Verification)
+        transfer_syntaxes = accepted_transfer_syntaxes(list(ALL_TRANSFER_SYNTAXES))
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
         return ae
 
     async def start(self) -> None:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: installs everything the tests need (Debian peers + Python deps), runs them.
+# Usage: ./scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real peers the tests talk to (see README: "What the tests run against").
+DEBIAN_PACKAGES=(dcmtk orthanc orthanc-dicomweb socat iproute2)
+
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "test.sh: need Debian packages: ${missing[*]} (run as root, or install them)" >&2
+    exit 1
+  fi
+  echo "test.sh: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+./scripts/venv.sh test
+exec .venv/bin/python -m pytest "$@"
