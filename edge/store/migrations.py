@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MigrationStep = Callable[[SqliteDatabase], None]
 
 # Modules that own tables, each exposing MIGRATIONS: Sequence[MigrationStep].
-SCHEMA_OWNERS: tuple[str, ...] = ("edge.store.tables",)
+SCHEMA_OWNERS: tuple[str, ...] = ("edge.store.tables", "sync.tables")
 
 
 class SchemaMigration(Model):

@@ -58,6 +58,9 @@ class Instance(StoreModel):
     source = CharField(max_length=16, default="dicom")  # dicom | ecg | reconcile
     received_at = DateTimeField(default=utcnow)
     file_missing = BooleanField(default=False)
+    # Set when retention removed the file after sync: the row stays as the tombstone that
+    # recognises a re-send of the same instance.
+    evicted_at = DateTimeField(null=True)
 
 
 class Outbox(StoreModel):
@@ -71,6 +74,11 @@ class Outbox(StoreModel):
     last_error = TextField(default="")
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
+    synced_at = DateTimeField(null=True)
+    uploaded_bytes = BigIntegerField(default=0)  # bytes on the wire for this instance (after compression)
+    # The request body may have reached the cloud before the link failed: ask (QIDO-RS)
+    # before sending again, so nothing is stored twice.
+    uncertain = BooleanField(default=False)
 
 
 class EventLog(StoreModel):
