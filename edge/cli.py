@@ -72,6 +72,21 @@ def cmd_status(config: EdgeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from sync.outbox import retry_quarantined
+
+    if not args.all and not args.study:
+        print("edge retry: name the study UIDs to retry, or --all", file=sys.stderr)
+        return 2
+    _open_store(config)
+    count = retry_quarantined(() if args.all else tuple(args.study))
+    if count == 0:
+        print("nothing quarantined" + (" in those studies" if args.study else ""))
+        return 0 if args.all else 1
+    print(f"{count} quarantined instance(s) queued again; the sync service sends them next")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge", description="Clinic Edge node")
     parser.add_argument("--config", help=f"path to edge.toml (default: ${CONFIG_ENV} or ./edge.toml)")
@@ -88,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="node health: services, queue, disk")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+    retry = sub.add_parser("retry", help="send quarantined instances again, once the cause is fixed")
+    retry.add_argument("study", nargs="*", help="Study Instance UIDs (see edge studies)")
+    retry.add_argument("--all", action="store_true", help="every quarantined instance")
+    retry.set_defaults(func=cmd_retry)
     return parser
 
 

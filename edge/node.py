@@ -14,11 +14,12 @@ from edge.dicom.service import DicomService
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
 from edge.store.spool import Spool
+from sync.service import SyncService, SyncSetupError
 
 log = logging.getLogger(__name__)
 
 # Start order; stop is the reverse. `edge run` starts all of them.
-SERVICE_NAMES: tuple[str, ...] = ("dicom", "console")
+SERVICE_NAMES: tuple[str, ...] = ("dicom", "sync", "console")
 
 
 class Service(Protocol):
@@ -36,10 +37,13 @@ class StartupError(Exception):
 def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
     spool = Spool(config.data_dir)
     services: list[Service] = []
+    sync = SyncService(config, spool) if "sync" in names else None
     for name in SERVICE_NAMES:
         if name not in names:
             continue
-        if name == "dicom":
+        if name == "sync" and sync is not None:
+            services.append(sync)
+        elif name == "dicom":
             report = reconcile(spool)
             log.info(
                 "reconcile: %d temp file(s) removed, %d spool file(s) indexed, %d unreadable, %d row(s) without file",
@@ -48,9 +52,10 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
                 report.files_unreadable,
                 report.rows_missing_file,
             )
-            services.append(DicomService(config, spool))
+            on_kept = (lambda kept: sync.wake()) if sync is not None else None
+            services.append(DicomService(config, spool, on_kept=on_kept))
         elif name == "console":
-            services.append(ConsoleService(config, services=tuple(n for n in names if n == "dicom")))
+            services.append(ConsoleService(config, services=tuple(n for n in names if n != "console")))
     return services
 
 
@@ -71,6 +76,8 @@ async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.E
                 await service.start()
             except OSError as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc.strerror or exc}") from None
+            except SyncSetupError as exc:
+                raise StartupError(f"{service.name}: cannot start: {exc}") from None
             started.append(service)
         log.info("node %s up: %s", config.node.id, ", ".join(s.name for s in started))
         await stop.wait()

@@ -86,6 +86,7 @@ class EdgeNode:
         self.log = tmp / "node.log"
 
     def start(self) -> EdgeNode:
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge", "--config", str(self.config), *self.command],
@@ -93,10 +94,24 @@ class EdgeNode:
             stderr=subprocess.STDOUT,
             cwd=self.tmp,
         )
+        if self.command == ("serve", "sync"):
+            self.wait_for_log("sync: uploading to")
+            return self
         wait_for_port(self.port, proc=self.proc)
         if "run" in self.command or "console" in self.command:
             wait_for_port(self.console_port, proc=self.proc)
         return self
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+        """Until the node's log says ``text`` (services without a port of their own)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_text()[self._log_offset :]:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_text()[-2000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"node did not log {text!r} within {timeout}s:\n{self.log_text()[-2000:]}")
 
     def kill(self) -> None:
         """A power cut, as far as the process can tell."""

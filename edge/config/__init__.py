@@ -22,7 +22,7 @@ from edge.config.sections import (
     StorageSection,
 )
 from kiosk.config import KioskSection
-from sync.config import CloudSection
+from sync.config import CloudSection, ReportsSection, SyncSection
 
 DEFAULT_CONFIG_NAME = "edge.toml"
 CONFIG_ENV = "EDGE_CONFIG"
@@ -41,6 +41,8 @@ class EdgeConfig(BaseModel):
     dicom: DicomSection = Field(default_factory=DicomSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     cloud: CloudSection = Field(default_factory=CloudSection)
+    sync: SyncSection = Field(default_factory=SyncSection)
+    reports: ReportsSection = Field(default_factory=ReportsSection)
     console: ConsoleSection = Field(default_factory=ConsoleSection)
     kiosk: KioskSection = Field(default_factory=KioskSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
@@ -52,6 +54,13 @@ class EdgeConfig(BaseModel):
     def data_dir(self) -> Path:
         """The data directory (spool, database) as an absolute path."""
         path = Path(self.storage.data_dir)
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def path(self, value: str) -> Path | None:
+        """A path key of this file, absolute ("" stays None)."""
+        if not value:
+            return None
+        path = Path(value)
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 

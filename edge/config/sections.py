@@ -56,6 +56,8 @@ class DicomSection(Section):
 class StorageSection(Section):
     data_dir: str = Field(default="var", min_length=1)
     min_free_mb: int = Field(default=500, ge=0)
+    retention_days: int = Field(default=30, ge=0, le=3650)
+    high_water_free_mb: int = Field(default=2000, ge=0)
 
 
 class ConsoleSection(Section):

@@ -13,12 +13,16 @@ import logging
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from peewee import DatabaseError
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID
+from pynetdicom.dsutils import split_dataset
 
 from edge.store.const import ECG_SOP_CLASSES, PRIORITY_ECG, PRIORITY_ROUTINE, SPOOL_DIR, TMP_DIR
 from edge.store.db import write_transaction
@@ -107,12 +111,14 @@ def read_header(path: Path) -> InstanceHeader:
             raise RejectedInstance(0xA900, f"dataset has no {name}")
         if len(uid) > 64 or not _UID.match(uid):
             raise RejectedInstance(0xA900, f"{name} is not a valid UID: {uid[:70]!r}")
+    transfer_syntax = _text(getattr(meta, "TransferSyntaxUID", ""))
+    _check_complete(path, transfer_syntax)
     return InstanceHeader(
         sop_class_uid=values["SOPClassUID"],
         sop_instance_uid=values["SOPInstanceUID"],
         study_instance_uid=values["StudyInstanceUID"],
         series_instance_uid=values["SeriesInstanceUID"],
-        transfer_syntax=_text(getattr(meta, "TransferSyntaxUID", "")),
+        transfer_syntax=transfer_syntax,
         accession_number=values["AccessionNumber"][:16],
         patient_id=values["PatientID"][:64],
         study_date=values["StudyDate"][:8],
@@ -120,14 +126,65 @@ def read_header(path: Path) -> InstanceHeader:
     )
 
 
+def _check_complete(path: Path, transfer_syntax: str) -> None:
+    """Refuse a truncated dataset or one with garbage after it: its header alone parses fine.
+
+    Walks the element headers (values are skipped, not loaded): tags must ascend and the
+    last element must end exactly at the end of the file.
+    """
+    if not transfer_syntax or transfer_syntax == "1.2.840.10008.1.2.1.99":  # deflated: zlib checks it
+        return
+    syntax = UID(transfer_syntax)
+    try:
+        size = path.stat().st_size
+        _, offset = split_dataset(path)
+        previous, end = -1, offset
+        with open(path, "rb") as fp:
+            fp.seek(offset)
+            for elem in data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
+                tag = int(elem.tag)
+                if tag <= previous:
+                    raise RejectedInstance(0xC000, f"malformed dataset: element {elem.tag} out of order")
+                previous = tag
+                length = getattr(elem, "length", 0xFFFFFFFF)
+                if length != 0xFFFFFFFF and elem.value_tell + length > size:
+                    raise RejectedInstance(0xC000, f"truncated dataset: element {elem.tag} runs past the end")
+                end = fp.tell()
+    except RejectedInstance:
+        raise
+    except Exception as exc:  # struct.error, EOFError, OSError, ValueError from a broken stream
+        raise RejectedInstance(0xC000, f"malformed dataset: {exc}") from None
+    if end != size:
+        raise RejectedInstance(0xC000, f"malformed dataset: {size - end} byte(s) of garbage after it")
+
+
+# fsync runs on one of these threads while the calling thread hashes the same file, so the
+# disk write and the SHA-256 overlap (both release the GIL). Sized for the associations
+# that may be keeping instances at once; threads start on first use.
+_FSYNC_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-fsync")
+
+
 def _sha256_and_fsync(path: Path) -> tuple[str, int]:
-    """Hash the file and force it to disk in one pass over it."""
-    digest = hashlib.sha256()
+    """Hash the file and force it to disk, the two at the same time.
+
+    The hash reads the file back from the page cache while the kernel writes it out; the
+    function returns only once fsync has succeeded (an fsync error is raised here). The
+    file's now-clean pages are then dropped from the page cache: the spool is written once
+    and read again only by the uploader, so on a small box the cache is better left to the
+    database and the next incoming images (and reusing those pages keeps writes fast).
+    """
     with open(path, "rb+") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        size = f.tell()
-        os.fsync(f.fileno())
+        fd = f.fileno()
+        synced = _FSYNC_POOL.submit(os.fsync, fd)
+        try:
+            digest = hashlib.file_digest(f, "sha256")
+            size = f.tell()
+        finally:
+            synced.result()  # always wait: the fd must outlive the fsync; re-raises its OSError
+        try:  # only advice: the data is already on disk whatever happens here
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except (AttributeError, OSError):
+            pass
     return digest.hexdigest(), size
 
 

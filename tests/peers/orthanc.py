@@ -12,6 +12,7 @@ take the cloud down and bring it back with everything it had.
 from __future__ import annotations
 
 import atexit
+import base64
 import ctypes
 import json
 import signal
@@ -219,6 +220,11 @@ class OrthancPeer:
         request = urllib.request.Request(self.base_url + path, data=body, method=method)
         if content_type:
             request.add_header("Content-Type", content_type)
+        users = self.extra_config.get("RegisteredUsers") if self.extra_config.get("AuthenticationEnabled") else None
+        if users:  # the test itself uses the first registered user
+            user, password = next(iter(users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         # Never through a proxy: this is loopback.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(request, timeout=timeout) as resp:

@@ -1,0 +1,207 @@
+"""The outbox state machine in the store: claim a batch, then mark it synced, failed or quarantined.
+
+Every transition is one short write transaction, so the worker holds nothing in memory
+that a power cut could lose: a row left ``sending`` at a crash goes back to ``pending``
+(flagged ``uncertain``, so the cloud is asked before it is sent again).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from edge.store.const import PRIORITY_ROUTINE
+from edge.store.db import write_transaction
+from edge.store.models import Instance, Outbox, Study, log_event, utcnow
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATES = ("pending", "failed")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    outbox_id: int
+    sop_instance_uid: str
+    path: str  # relative to the spool
+    size: int
+    priority: int
+    attempts: int
+    uncertain: bool
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Instances of one study sent in one STOW-RS request."""
+
+    study_instance_uid: str
+    items: tuple[BatchItem, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(item.size for item in self.items)
+
+
+def release_interrupted() -> int:
+    """At start-up: what was being sent when the process died goes back in the queue.
+
+    The body may have reached the cloud before the crash, so the rows are marked
+    uncertain and the worker asks the cloud (QIDO-RS) before sending them again.
+    """
+    with write_transaction():
+        count = (
+            Outbox.update(state="pending", uncertain=True, updated_at=utcnow())
+            .where(Outbox.state == "sending")
+            .execute()
+        )
+    if count:
+        log.warning("outbox: %d instance(s) were being sent when the node stopped: queued again", count)
+    return int(count)
+
+
+def _due(now: dt.datetime, routine_allowed: bool) -> list[object]:
+    conditions: list[object] = [
+        Outbox.state.in_(RETRYABLE_STATES),
+        Outbox.next_attempt_at <= now,
+        Instance.evicted_at.is_null(True),
+        Instance.file_missing == False,  # noqa: E712
+    ]
+    if not routine_allowed:
+        conditions.append(Outbox.priority < PRIORITY_ROUTINE)
+    return conditions
+
+
+def claim_batch(
+    routine_allowed: bool, max_bytes: int, max_instances: int, now: dt.datetime | None = None
+) -> Batch | None:
+    """Take the most urgent due instance and more of its study, up to the caps; mark them sending.
+
+    Priority first (STAT, ECG, routine), then oldest. The first instance is always taken,
+    even when it alone is over ``max_bytes``.
+    """
+    now = now or utcnow()
+    with write_transaction():
+        order = (Outbox.priority, Outbox.created_at, Outbox.id)
+        first = (
+            Outbox.select(Outbox.id, Instance.study)
+            .join(Instance)
+            .where(*_due(now, routine_allowed))
+            .order_by(*order)
+            .limit(1)
+            .tuples()
+            .first()
+        )
+        if first is None:
+            return None
+        study_id = first[1]
+        rows = (
+            Outbox.select(
+                Outbox.id, Instance.sop_instance_uid, Instance.path, Instance.size,
+                Outbox.priority, Outbox.attempts, Outbox.uncertain,
+            )
+            .join(Instance)
+            .where(*_due(now, routine_allowed), Instance.study == study_id)
+            .order_by(*order)
+            .limit(max_instances)
+            .tuples()
+        )
+        items: list[BatchItem] = []
+        total = 0
+        for row in rows:
+            item = BatchItem(*row)
+            if items and total + item.size > max_bytes:
+                break
+            items.append(item)
+            total += item.size
+        Outbox.update(state="sending", updated_at=now).where(Outbox.id.in_([i.outbox_id for i in items])).execute()
+        study_uid = Study.get_by_id(study_id).study_instance_uid
+    return Batch(study_uid, tuple(items))
+
+
+def mark_synced(study_uid: str, uploaded: dict[int, int]) -> None:
+    """``uploaded``: outbox id → bytes sent for it (0 when the cloud already had it)."""
+    if not uploaded:
+        return
+    now = utcnow()
+    with write_transaction():
+        for outbox_id, nbytes in uploaded.items():
+            Outbox.update(
+                state="synced", synced_at=now, updated_at=now, uploaded_bytes=nbytes,
+                uncertain=False, last_error="",
+            ).where(Outbox.id == outbox_id).execute()
+        log_event("synced", f"{len(uploaded)} instance(s)", study_uid)
+
+
+def mark_failed(
+    study_uid: str, ids: Iterable[int], reason: str, retry_in_s: float = 0.0, uncertain: bool = False
+) -> None:
+    """A transient failure: the rows stay in the queue, visibly ``failed``, retried after ``retry_in_s``."""
+    ids = list(ids)
+    if not ids:
+        return
+    now = utcnow()
+    with write_transaction():
+        update: dict[object, object] = {
+            Outbox.state: "failed",
+            Outbox.attempts: Outbox.attempts + 1,
+            Outbox.last_error: reason[:500],
+            Outbox.next_attempt_at: now + dt.timedelta(seconds=retry_in_s),
+            Outbox.updated_at: now,
+        }
+        if uncertain:
+            update[Outbox.uncertain] = True
+        Outbox.update(update).where(Outbox.id.in_(ids)).execute()
+        log_event("upload_failed", reason[:500], study_uid)
+
+
+def mark_quarantined(study_uid: str, failures: dict[int, str], sop_uids: dict[int, str]) -> None:
+    """The cloud will never take these as they are: stop retrying and show a human why."""
+    if not failures:
+        return
+    now = utcnow()
+    with write_transaction():
+        for outbox_id, reason in failures.items():
+            Outbox.update(state="quarantined", last_error=reason[:500], updated_at=now, uncertain=False).where(
+                Outbox.id == outbox_id
+            ).execute()
+            log_event("quarantined", reason[:500], study_uid, sop_uids.get(outbox_id, ""))
+    for outbox_id, reason in failures.items():
+        log.error("outbox: instance %s of study %s quarantined: %s", sop_uids.get(outbox_id, "?"), study_uid, reason)
+
+
+def clear_uncertain(ids: Sequence[int]) -> None:
+    """The cloud was asked and does not have these: a plain resend is safe."""
+    if ids:
+        with write_transaction():
+            Outbox.update(uncertain=False).where(Outbox.id.in_(list(ids))).execute()
+
+
+def retry_quarantined(study_uids: Sequence[str] = ()) -> int:
+    """``edge retry``: send quarantined instances again (of these studies, or all)."""
+    now = utcnow()
+    with write_transaction():
+        query = Outbox.select(Outbox.id).join(Instance).join(Study).where(Outbox.state == "quarantined")
+        if study_uids:
+            query = query.where(Study.study_instance_uid.in_(list(study_uids)))
+        ids = [row.id for row in query]
+        if ids:
+            Outbox.update(state="pending", attempts=0, next_attempt_at=now, updated_at=now, last_error="").where(
+                Outbox.id.in_(ids)
+            ).execute()
+            log_event("retry", f"{len(ids)} quarantined instance(s) queued again by an operator")
+    return len(ids)
+
+
+def next_attempt_at(routine_allowed: bool) -> dt.datetime | None:
+    """When the earliest parked instance becomes due (for the worker's sleep)."""
+    conditions = [Outbox.state.in_(RETRYABLE_STATES), Instance.evicted_at.is_null(True)]
+    if not routine_allowed:
+        conditions.append(Outbox.priority < PRIORITY_ROUTINE)
+    value = Outbox.select(Outbox.next_attempt_at).join(Instance).where(*conditions).order_by(
+        Outbox.next_attempt_at
+    ).limit(1).scalar()
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))

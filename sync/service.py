@@ -1,0 +1,111 @@
+"""``edge serve sync``: the outbox worker, the report puller and retention, on one client session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from edge.config import EdgeConfig
+from edge.store.spool import Spool
+from sync.cloud import CloudSetupError, load_auth_headers, open_session
+from sync.compress import check_codecs
+from sync.dicomweb import DicomWebClient, TokenBucket
+from sync.outbox import release_interrupted
+from sync.reports import ReportPuller, ReportSettings
+from sync.retention import enforce_retention
+from sync.worker import OutboxWorker
+
+log = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_S = 60.0
+
+
+class SyncService:
+    """start()/stop() like every service; ``wake()`` is safe to call from any thread."""
+
+    name = "sync"
+
+    def __init__(self, config: EdgeConfig, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._worker: OutboxWorker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            headers = load_auth_headers(cfg.path(cfg.cloud.secrets_file))
+            check_codecs(cfg.sync.compress)
+        except (CloudSetupError, RuntimeError) as exc:
+            raise SyncSetupError(str(exc)) from None
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._session = open_session(cfg)
+        except CloudSetupError as exc:
+            raise SyncSetupError(str(exc)) from None
+        bandwidth = TokenBucket(cfg.sync.bandwidth_bps) if cfg.sync.bandwidth_bps else None
+        client = DicomWebClient(self._session, cfg.cloud.dicomweb_url, headers, bandwidth=bandwidth)
+        await asyncio.to_thread(release_interrupted)
+        if cfg.sync.enabled:
+            self._worker = OutboxWorker(cfg.sync, self.spool, client, self.spool.tmp, cfg.cloud.read_timeout_s)
+            self._tasks.append(asyncio.create_task(self._worker.run(), name="outbox"))
+        if cfg.reports.enabled:
+            puller = ReportPuller(
+                cfg.data_dir,
+                ReportSettings(
+                    lookback_days=cfg.reports.lookback_days,
+                    min_backoff_s=cfg.reports.min_backoff_s,
+                    max_backoff_s=cfg.reports.max_backoff_s,
+                ),
+            )
+            self._tasks.append(asyncio.create_task(
+                _every(cfg.reports.poll_interval_s, lambda: puller.poll_due(client), "report puller"), name="reports"
+            ))
+        self._tasks.append(asyncio.create_task(
+            _every(RETENTION_INTERVAL_S, self._retention, "retention"), name="retention"
+        ))
+        log.info(
+            "sync: uploading to %s (%d in flight, compression %s)%s",
+            cfg.cloud.dicomweb_url, cfg.sync.concurrency, cfg.sync.compress,
+            "" if cfg.sync.enabled else " (uploads switched off: [sync] enabled = false)",
+        )
+
+    async def _retention(self) -> None:
+        storage = self.config.storage
+        await asyncio.to_thread(enforce_retention, self.spool, storage.retention_days, storage.high_water_free_mb)
+
+    def wake(self) -> None:
+        """Something new was kept: look at the outbox now rather than at the next poll."""
+        if self._loop is not None and self._worker is not None:
+            self._loop.call_soon_threadsafe(self._worker.wake)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        log.info("sync: stopped")
+
+
+class SyncSetupError(Exception):
+    """The sync service cannot start as configured; the message names the key."""
+
+
+async def _every(interval_s: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run ``job`` now and then every ``interval_s``; a failure is logged, never fatal."""
+    while True:
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sync: %s failed; trying again in %.0fs", what, interval_s)
+        await asyncio.sleep(interval_s)
