@@ -15,6 +15,9 @@ indication and measure real images (``--files``) before deciding.
 
 Each method runs in a fresh child process so that its peak RSS is its own (the figure
 includes the interpreter, numpy and pydicom; the "baseline" column is that part alone).
+The images are generated in another child: Linux carries a process's peak RSS across
+fork and exec, so a parent that had held the generator's arrays would inflate every
+child's getrusage figure.
 
 Run:  .venv/bin/python bench/compress.py [--count 5] [--side 3000] [--uplink-mbps 4]
       .venv/bin/python bench/compress.py --files /path/to/dir/of/real/*.dcm
@@ -94,7 +97,12 @@ def main() -> int:
     parser.add_argument("--files", nargs="+", type=Path, help="measure these DICOM files instead of synthetic ones")
     parser.add_argument("--tmp", type=Path, default=None, help="where the synthetic images go")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--generate-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.generate_into:  # writes the images, prints their paths
+        print("\n".join(str(p) for p in write_synthetic(args.generate_into, args.count, args.side)))
+        return 0
 
     if args.child:  # one method, in its own process: reads a file list, prints JSON
         files = [Path(line) for line in sys.stdin.read().splitlines() if line]
@@ -107,7 +115,11 @@ def main() -> int:
             what = f"{len(files)} given files"
         else:
             started = time.perf_counter()
-            files = write_synthetic(Path(src), args.count, args.side)
+            gen = subprocess.run(
+                [sys.executable, __file__, "--generate-into", src, "--count", str(args.count), "--side", str(args.side)],
+                capture_output=True, text=True, check=True,
+            )
+            files = [Path(line) for line in gen.stdout.splitlines() if line]
             what = (f"{args.count} synthetic {args.side}x{args.side} 12-in-16-bit DR images "
                     f"(generated in {time.perf_counter() - started:.1f} s, not counted)")
         print(f"# {what}; {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")

@@ -14,6 +14,7 @@ from edge.dicom.service import DicomService
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
 from edge.store.spool import Spool
+from sync.retention import enforce_retention
 from sync.service import SyncService, SyncSetupError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,11 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
                 report.rows_missing_file,
             )
             on_kept = (lambda kept: sync.wake()) if sync is not None else None
-            services.append(DicomService(config, spool, on_kept=on_kept))
+            storage = config.storage
+            services.append(DicomService(
+                config, spool, on_kept=on_kept,
+                make_room=lambda: enforce_retention(spool, storage.retention_days, storage.high_water_free_mb),
+            ))
         elif name == "console":
             services.append(ConsoleService(config, services=tuple(n for n in names if n != "console")))
     return services

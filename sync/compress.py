@@ -170,15 +170,6 @@ def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> Prepa
         del ds
         return _original(source, original_bytes, stored, refusal)
 
-    try:
-        # raw=True: compare stored values, never a YBR->RGB conversion of them
-        expected = pixel_array(ds, raw=True)
-        if not expected.dtype.isnative:  # big endian source: same values, native order
-            expected = expected.astype(expected.dtype.newbyteorder("="))
-    except Exception as exc:
-        del ds
-        return _original(source, original_bytes, stored, f"pixel data not decodable ({type(exc).__name__}): sent as is")
-
     tmp_dir.mkdir(parents=True, exist_ok=True)
     # mkstemp reserves the final name; the copy is written beside it and renamed over it
     fd, final_name = tempfile.mkstemp(dir=tmp_dir, prefix=f"{source.stem}.", suffix=f".{method}.dcm")
@@ -187,18 +178,12 @@ def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> Prepa
     partial = final.with_name(f".{final.name}.part")
     keep = False
     try:
-        if int(ds.get("SamplesPerPixel", 1)) > 1:
-            # PS3.5 8.2.3/8.2.4: colour in JPEG-LS/JPEG 2000 is colour-by-pixel, and the
-            # array from pixel_array() already is, whatever the native layout was.
-            ds.PlanarConfiguration = 0
         try:
-            ds.compress(uid, expected, encoding_plugin=plugin, generate_instance_uid=False)
+            _encode(ds, uid, plugin)
         except Exception as exc:  # encoder messages describe the image pixel module only
-            first_line = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ""
-            return _original(
-                source, original_bytes, stored,
-                f"{method} encoder refused the image ({type(exc).__name__}: {first_line}): sent uncompressed",
-            )
+            lines = str(exc).strip().splitlines()
+            detail = f"{type(exc).__name__}: {lines[-1].strip()[:160]}" if lines else type(exc).__name__
+            return _original(source, original_bytes, stored, f"{method} encoder refused the image ({detail}): sent uncompressed")
         try:
             # dcmwrite, not save_as: save_as refuses a big endian source outright; _why_not
             # has made sure nothing but the (replaced) pixel data would need byte swapping
@@ -207,7 +192,7 @@ def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> Prepa
             log.warning("compress: could not write the %s copy of instance %s (%s): sending it uncompressed",
                         method, sop_uid, type(exc).__name__)
             return _original(source, original_bytes, stored, f"could not write the compressed copy ({type(exc).__name__})")
-        del ds  # the encoded frames: the file on disk is what matters now
+        del ds  # the encoded frames: from here on the files on disk are what count
         os.replace(partial, final)
         upload_bytes = final.stat().st_size
         if upload_bytes >= original_bytes:
@@ -216,8 +201,7 @@ def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> Prepa
                 f"{method} copy not smaller ({upload_bytes} >= {original_bytes} bytes): sent uncompressed",
             )
 
-        mismatch = _pixel_mismatch(final, expected)
-        del expected
+        mismatch = _pixel_mismatch(source, final)
         if mismatch:
             log.error("compress: %s copy of instance %s is NOT lossless (%s): sending the original",
                       method, sop_uid, mismatch)
@@ -232,6 +216,26 @@ def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> Prepa
         if not keep:
             partial.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
+
+
+def _encode(ds: Dataset, uid: UID, plugin: str) -> None:
+    """Replace the native pixel data of `ds` by its `uid` encoding, keeping its SOP Instance UID."""
+    little_endian = ds.original_encoding[1] is not False
+    samples = int(ds.get("SamplesPerPixel", 1))
+    by_pixel = samples == 1 or int(ds.get("PlanarConfiguration", 0)) == 0
+    if little_endian and by_pixel:
+        # Straight from the stored bytes: no array copy of the image while the codec works.
+        ds.compress(uid, encoding_plugin=plugin, generate_instance_uid=False)
+        return
+    # Big endian, or colour-by-plane: through an array in native byte order, which
+    # pixel_array() gives colour-by-pixel, as PS3.5 8.2.3/8.2.4 want it in the codestream.
+    arr = pixel_array(ds, raw=True)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    del ds.PixelData
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.compress(uid, arr, encoding_plugin=plugin, generate_instance_uid=False)
 
 
 def _original(source: Path, size: int, transfer_syntax: str, note: str) -> PreparedUpload:
@@ -290,13 +294,25 @@ def _has_word_values(ds: Dataset, top_level: bool) -> bool:
     return False
 
 
-def _pixel_mismatch(path: Path, expected: np.ndarray) -> str:
-    """Decode `path` once and say how it differs from `expected`, or "" if it is identical."""
+def _pixel_mismatch(source: Path, copy: Path) -> str:
+    """Decode both files once and say how their pixels differ, or "" if they are identical.
+
+    raw=True compares stored values, with no YBR->RGB conversion on either side; both
+    are decoded from disk, so this checks exactly what is in the spool against exactly
+    what will be uploaded.
+    """
     try:
-        actual = pixel_array(path, raw=True)
+        actual = pixel_array(copy, raw=True)
     except Exception as exc:
-        return f"decode failed: {type(exc).__name__}"
-    if actual.dtype != expected.dtype:
+        return f"copy does not decode: {type(exc).__name__}"
+    try:
+        if _stored_syntax(source) == DeflatedExplicitVRLittleEndian:
+            expected = pixel_array(dcmread(source), raw=True)  # pixel_array(path) cannot inflate
+        else:
+            expected = pixel_array(source, raw=True)  # reads only the pixel data it needs
+    except Exception as exc:
+        return f"original does not decode: {type(exc).__name__}"
+    if actual.dtype != expected.dtype.newbyteorder("="):  # a big endian original is the same type
         return f"dtype {actual.dtype} != {expected.dtype}"
     if actual.shape != expected.shape:
         return f"shape {actual.shape} != {expected.shape}"

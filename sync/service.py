@@ -10,6 +10,7 @@ import aiohttp
 
 from edge.config import EdgeConfig
 from edge.store.spool import Spool
+from sync import metrics
 from sync.cloud import CloudSetupError, load_auth_headers, open_session
 from sync.compress import check_codecs
 from sync.dicomweb import DicomWebClient, TokenBucket
@@ -35,6 +36,7 @@ class SyncService:
         self._tasks: list[asyncio.Task[None]] = []
         self._worker: OutboxWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._synced = asyncio.Event()
 
     async def start(self) -> None:
         cfg = self.config
@@ -52,7 +54,9 @@ class SyncService:
         client = DicomWebClient(self._session, cfg.cloud.dicomweb_url, headers, bandwidth=bandwidth)
         await asyncio.to_thread(release_interrupted)
         if cfg.sync.enabled:
-            self._worker = OutboxWorker(cfg.sync, self.spool, client, self.spool.tmp, cfg.cloud.read_timeout_s)
+            self._worker = OutboxWorker(
+                cfg.sync, self.spool, client, self.spool.tmp, cfg.cloud.read_timeout_s, on_synced=self._synced.set
+            )
             self._tasks.append(asyncio.create_task(self._worker.run(), name="outbox"))
         if cfg.reports.enabled:
             puller = ReportPuller(
@@ -64,25 +68,36 @@ class SyncService:
                 ),
             )
             self._tasks.append(asyncio.create_task(
-                _every(cfg.reports.poll_interval_s, lambda: puller.poll_due(client), "report puller"), name="reports"
+                _every(cfg.reports.poll_interval_s, lambda: _pull_reports(puller, client), "report puller"), name="reports"
             ))
-        self._tasks.append(asyncio.create_task(
-            _every(RETENTION_INTERVAL_S, self._retention, "retention"), name="retention"
-        ))
+        self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         log.info(
             "sync: uploading to %s (%d in flight, compression %s)%s",
             cfg.cloud.dicomweb_url, cfg.sync.concurrency, cfg.sync.compress,
             "" if cfg.sync.enabled else " (uploads switched off: [sync] enabled = false)",
         )
 
-    async def _retention(self) -> None:
+    async def _retention_loop(self) -> None:
+        """Now, then after every upload that completes a batch, and at least every minute."""
         storage = self.config.storage
-        await asyncio.to_thread(enforce_retention, self.spool, storage.retention_days, storage.high_water_free_mb)
+        while True:
+            self._synced.clear()
+            try:
+                await asyncio.to_thread(enforce_retention, self.spool, storage.retention_days, storage.high_water_free_mb)
+            except Exception:
+                log.exception("retention: failed; trying again later")
+            try:
+                await asyncio.wait_for(self._synced.wait(), RETENTION_INTERVAL_S)
+            except TimeoutError:
+                pass
 
     def wake(self) -> None:
         """Something new was kept: look at the outbox now rather than at the next poll."""
-        if self._loop is not None and self._worker is not None:
+        if self._loop is None:
+            return
+        if self._worker is not None:
             self._loop.call_soon_threadsafe(self._worker.wake)
+        self._loop.call_soon_threadsafe(self._synced.set)  # the disk filled a little: retention looks
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -93,6 +108,12 @@ class SyncService:
             await self._session.close()
             self._session = None
         log.info("sync: stopped")
+
+
+async def _pull_reports(puller: ReportPuller, client: DicomWebClient) -> None:
+    pulled = await puller.poll_due(client)
+    if pulled:
+        metrics.REPORTS_PULLED.inc(pulled)
 
 
 class SyncSetupError(Exception):

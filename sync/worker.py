@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
@@ -73,9 +73,16 @@ class OutboxWorker:
     """Runs [sync] concurrency slots until cancelled; ``wake()`` when something new is kept."""
 
     def __init__(
-        self, settings: SyncSection, spool: Spool, client: DicomWebClient, tmp_dir: Path, read_timeout_s: float = 120.0
+        self,
+        settings: SyncSection,
+        spool: Spool,
+        client: DicomWebClient,
+        tmp_dir: Path,
+        read_timeout_s: float = 120.0,
+        on_synced: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_synced = on_synced
         self.settings_read_timeout_s = read_timeout_s
         self.spool = spool
         self.client = client
@@ -261,6 +268,8 @@ class OutboxWorker:
         await asyncio.to_thread(mark_synced, study, synced)
         if synced:
             metrics.record_synced(len(synced), sum(synced.values()))
+            if self.on_synced is not None:
+                self.on_synced()
             log.info(
                 "sync: study %s: %d instance(s) in the cloud, %d bytes sent", study, len(synced), sum(synced.values())
             )

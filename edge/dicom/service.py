@@ -98,10 +98,18 @@ class DicomService:
 
     name = "dicom"
 
-    def __init__(self, config: EdgeConfig, spool: Spool, on_kept: OnKept | None = None) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        spool: Spool,
+        on_kept: OnKept | None = None,
+        make_room: Callable[[], object] | None = None,
+    ) -> None:
+        """``make_room``: frees disk by evicting what the cloud already holds (retention), tried before 0xA700."""
         self.config = config
         self.spool = spool
         self.on_kept = on_kept
+        self.make_room = make_room
         self._server: ThreadedAssociationServer | None = None
         self._accepted: set[int] = set()
         self._lock = threading.Lock()
@@ -196,6 +204,11 @@ class DicomService:
     def _on_store(self, event: Any) -> int | Dataset:
         """Keep the instance durably, then answer; every failure gets a DICOM status."""
         calling = _calling(event)
+        if self.spool.free_mb() < self.config.storage.min_free_mb and self.make_room is not None:
+            try:
+                self.make_room()
+            except Exception:
+                log.exception("dicom: could not free disk space")
         if self.spool.free_mb() < self.config.storage.min_free_mb:
             metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
             log.error(

@@ -11,7 +11,7 @@ from peewee import DatabaseError
 
 from edge.config import EdgeConfig
 from edge.store.db import database
-from edge.store.queries import count_missing_files, outbox_summary
+from edge.store.queries import count_missing_files, largest_instance_bytes, outbox_summary
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,21 @@ def port_listening(address: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def check_disk(config: EdgeConfig) -> Check:
+    """Healthy while one more image as big as the largest kept here still fits above the minimum."""
     free_mb = disk_free_bytes(config) / 2**20
     minimum = config.storage.min_free_mb
-    ok = free_mb >= minimum
+    try:
+        next_image_mb = largest_instance_bytes() / 2**20
+    except DatabaseError:
+        next_image_mb = 0.0
+    ok = free_mb - next_image_mb >= minimum
     detail = f"{free_mb:.0f} MB free (minimum {minimum} MB)"
     if not ok:
-        detail += ": C-STORE answers Out of Resources until space is freed"
+        waiting = outbox_summary().depth
+        detail += (
+            f": C-STORE answers Out of Resources (0xA700); nothing synced is left to evict, "
+            f"{waiting} instance(s) wait for the cloud"
+        )
     return Check("disk", ok, True, detail)
 
 

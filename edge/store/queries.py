@@ -116,3 +116,9 @@ def count_instances() -> tuple[int, int, int]:
     studies = Study.select().count()
     instances, size = Instance.select(fn.COUNT(Instance.id), fn.COALESCE(fn.SUM(Instance.size), 0)).tuples().get()
     return studies, instances, int(size)
+
+
+def largest_instance_bytes(limit: int = 256 * 2**20) -> int:
+    """The biggest instance still kept locally (capped): how much room "one more image" needs."""
+    value = Instance.select(fn.MAX(Instance.size)).where(Instance.evicted_at.is_null(True)).scalar() or 0
+    return min(int(value), limit)
