@@ -55,10 +55,12 @@ UNCOMPRESSED_SYNTAXES: Final = frozenset(
     {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 )
 
-MAX_COMPRESS_FILE_BYTES: Final = 256 * 1024 * 1024
-"""Larger files are sent uncompressed: compressing holds the pixels ~3 times over in RAM
-(stored bytes, array, decoded check), which a 1-2 GB box cannot spare for a huge
-multi-frame object. A 3000x3000 16-bit DR image is ~18 MB."""
+MAX_COMPRESS_FILE_BYTES: Final = 64 * 1024 * 1024
+"""Larger files are sent uncompressed, to keep a 1-2 GB box out of the OOM killer.
+Compressing holds the stored pixels plus the codec's buffers (pyjpegls allocates ~5x a
+frame while encoding), and the check holds two decoded copies: a 3000x3000 16-bit DR
+image (~18 MB) peaks at ~100-120 MB above the process's baseline. 64 MB still covers a
+single mammogram; it does not cover a long multi-frame cine, which goes as it is."""
 
 _FLOAT_PIXEL_KEYWORDS: Final = ("FloatPixelData", "DoubleFloatPixelData")
 
@@ -167,7 +169,6 @@ def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> Prepa
     sop_uid = str(ds.get("SOPInstanceUID", "?"))
     refusal = _why_not(ds, uid)
     if refusal:
-        del ds
         return _original(source, original_bytes, stored, refusal)
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +184,7 @@ def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> Prepa
         except Exception as exc:  # encoder messages describe the image pixel module only
             lines = str(exc).strip().splitlines()
             detail = f"{type(exc).__name__}: {lines[-1].strip()[:160]}" if lines else type(exc).__name__
+            log.warning("compress: %s encoder refused instance %s (%s): sending it uncompressed", method, sop_uid, detail)
             return _original(source, original_bytes, stored, f"{method} encoder refused the image ({detail}): sent uncompressed")
         try:
             # dcmwrite, not save_as: save_as refuses a big endian source outright; _why_not
@@ -240,6 +242,7 @@ def _encode(ds: Dataset, uid: UID, plugin: str) -> None:
 
 def _original(source: Path, size: int, transfer_syntax: str, note: str) -> PreparedUpload:
     """The spool file itself, unchanged: the caller must not delete it."""
+    log.debug("compress: %s sent as it is stored: %s", source.name, note)
     return PreparedUpload(source, False, transfer_syntax, size, size, note)
 
 

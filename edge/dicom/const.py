@@ -10,6 +10,10 @@ STATUS_DATASET_MISMATCH: Final = 0xA900
 STATUS_CANNOT_UNDERSTAND: Final = 0xC000
 STATUS_PROCESSING_FAILURE: Final = 0x0110
 
+# Seconds a new connection has to complete its association (the ARTIM timer); a modality
+# does it at once, and a broken or half-open connection must not hold an association slot.
+ACSE_TIMEOUT_S: Final = 10.0
+
 # Transfer syntaxes in the order we accept them when a modality offers several in one
 # presentation context: lossless compressed first (smaller, nothing lost), then
 # uncompressed, then lossy and video last so we never ask a modality to lose detail.

@@ -34,6 +34,7 @@ from pynetdicom.utils import make_target
 
 from edge.config import EdgeConfig
 from edge.dicom.const import (
+    ACSE_TIMEOUT_S,
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
@@ -120,7 +121,9 @@ class DicomService:
         ae.maximum_pdu_size = cfg.max_pdu_bytes
         ae.maximum_associations = cfg.max_associations
         ae.network_timeout = cfg.network_timeout_s
-        ae.acse_timeout = cfg.network_timeout_s
+        # A connection that never completes an association (a port scan, a broken PDU) holds
+        # a slot until the ACSE (ARTIM) timer fires, even after the peer has gone: keep it short.
+        ae.acse_timeout = min(cfg.network_timeout_s, ACSE_TIMEOUT_S)
         ae.dimse_timeout = cfg.network_timeout_s
         ae.require_called_aet = cfg.require_called_aet
         if cfg.allowed_calling_aets:

@@ -11,7 +11,7 @@ from peewee import DatabaseError
 
 from edge.config import EdgeConfig
 from edge.store.db import database
-from edge.store.queries import count_missing_files, largest_instance_bytes, outbox_summary
+from edge.store.queries import count_missing_files, largest_instance_bytes, latest_outbox_error, outbox_summary
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,24 @@ def check_outbox() -> Check:
     return Check("outbox", quarantined == 0, False, detail)
 
 
+def check_cloud(config: EdgeConfig) -> Check:
+    """Degraded (not failing) while uploads fail: the node keeps everything and retries."""
+    summary = outbox_summary()
+    failing = summary.by_state.get("failed", 0)
+    error = latest_outbox_error()
+    if failing and error:
+        return Check("cloud", False, False, f"{failing} instance(s) failing to upload: {error[1]}")
+    return Check("cloud", True, False, f"last upload {summary.last_upload_at or 'never'} to {config.cloud.dicomweb_url}")
+
+
 def run_checks(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> list[Check]:
     checks = [check_database(), check_disk(config)]
     if "dicom" in services:
         checks.append(check_dicom(config))
     if checks[0].ok:
         checks += [check_spool_files(), check_outbox()]
+        if "sync" in services:
+            checks.append(check_cloud(config))
     return checks
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from edge.config import EdgeConfig
 from edge.ops.health import check_disk, disk_free_bytes, port_listening
-from edge.store.queries import count_instances, count_missing_files, outbox_summary
+from edge.store.queries import count_instances, count_missing_files, latest_outbox_error, outbox_summary
 
 
 def node_status(config: EdgeConfig) -> dict[str, Any]:
@@ -26,6 +26,8 @@ def node_status(config: EdgeConfig) -> dict[str, Any]:
             "by_state": summary.by_state,
             "oldest_age_s": None if summary.oldest_pending_age_s is None else round(summary.oldest_pending_age_s),
             "last_upload_at": summary.last_upload_at,
+            "cloud": config.cloud.dicomweb_url,
+            "last_error": dict(zip(("state", "reason"), error)) if (error := latest_outbox_error()) else None,
         },
         "store": {
             "studies": studies,
@@ -53,7 +55,9 @@ def format_status(status: dict[str, Any]) -> str:
         + (f", oldest {age // 60} min" if age is not None else "")
         + (f", quarantined {outbox['by_state']['quarantined']}" if outbox["by_state"].get("quarantined") else "")
     )
-    lines.append(f"uploaded  last at {outbox['last_upload_at'] or 'never'}")
+    lines.append(f"uploaded  last at {outbox['last_upload_at'] or 'never'} to {outbox['cloud']}")
+    if outbox["last_error"] and outbox["depth"]:
+        lines.append(f"PROBLEM   last upload {outbox['last_error']['state']}: {outbox['last_error']['reason']}")
     lines.append(f"store     {store['studies']} studies, {store['instances']} instances, {store['bytes'] / 2**20:.1f} MB")
     if store["files_missing"]:
         lines.append(f"PROBLEM   {store['files_missing']} instance file(s) missing from the spool (see event log)")

@@ -122,3 +122,15 @@ def largest_instance_bytes(limit: int = 256 * 2**20) -> int:
     """The biggest instance still kept locally (capped): how much room "one more image" needs."""
     value = Instance.select(fn.MAX(Instance.size)).where(Instance.evicted_at.is_null(True)).scalar() or 0
     return min(int(value), limit)
+
+
+def latest_outbox_error() -> tuple[str, str] | None:
+    """(state, reason) of the most recent failed or quarantined upload, for ``edge status``."""
+    row = (
+        Outbox.select(Outbox.state, Outbox.last_error)
+        .where(Outbox.state.in_(("failed", "quarantined")), Outbox.last_error != "")
+        .order_by(Outbox.updated_at.desc())
+        .tuples()
+        .first()
+    )
+    return (str(row[0]), str(row[1])) if row else None

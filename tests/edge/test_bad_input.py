@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_unsupported_sop_class_is_refused_at_negotiation(node: EdgeNode, tmp_pat
     result = storescu(node, private)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "no presentation context" in output.lower() or "No Acceptable Presentation Contexts" in output, output
+    assert "No presentation context for: (unknown SOP class) 1.2.3.4.5.6" in output, output
     assert "Received Store Response (Success)" not in output
     assert_nothing_kept(node)
     assert echo_succeeds(node)
@@ -272,7 +273,13 @@ def test_many_broken_connections_at_once_leave_node_answering(node: EdgeNode, tm
         t.start()
     for t in threads:
         t.join(10)
-    assert echo_succeeds(node)
+    # 24 broken connections against 8 association slots: each is dropped within the ACSE
+    # timeout (10 s), so the DR's retry gets through well within a DR's retry interval.
+    deadline = time.monotonic() + 15
+    while not echo_succeeds(node):
+        assert time.monotonic() < deadline, "node still refuses associations 15 s after broken connections closed"
+        time.sleep(0.5)
+    assert node.proc is not None and node.proc.poll() is None
     ds = make_dx(tmp_path / "after.dcm", rows=256, cols=256)
     result = storescu(node, tmp_path / "after.dcm")
     assert "Received Store Response (Success)" in result.stdout + result.stderr

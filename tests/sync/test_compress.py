@@ -253,6 +253,26 @@ def test_jpeg_ls_limit_on_bits_is_respected(spool: Path, tmp_dir: Path) -> None:
     assert_lossless_copy(prepare_upload(deep, tmp_dir, "j2k"), deep, tmp_dir, "j2k")  # J2K goes to 38 bits
 
 
+def test_big_endian_file_with_other_binary_attributes_is_sent_as_is(spool: Path, tmp_dir: Path) -> None:
+    source = spool / "be_overlay.dcm"
+    ds = dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    ds.add_new(0x60003000, "OW", bytes(range(16)))  # Overlay Data: would reach the copy unswapped
+    ds.save_as(source)
+    result = prepare_upload(source, tmp_dir, "jpeg-ls")
+    assert_sent_as_is(result, source, tmp_dir)
+    assert "big endian" in result.note
+
+
+def test_file_too_large_to_compress_in_memory_is_sent_as_is(
+    spool: Path, tmp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = sample("CT_small.dcm", spool)
+    monkeypatch.setattr(compress, "MAX_COMPRESS_FILE_BYTES", source.stat().st_size - 1)
+    result = prepare_upload(source, tmp_dir, "jpeg-ls")
+    assert_sent_as_is(result, source, tmp_dir)
+    assert "too large" in result.note
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_noise_that_does_not_shrink_is_sent_uncompressed(method: CompressMethod, spool: Path, tmp_dir: Path) -> None:
     noise = np.random.default_rng(1).integers(0, 2**16, size=(256, 256), dtype=np.uint16)
