@@ -251,7 +251,10 @@ class Link:
         for ns, dev, ip in ((self.clinic, self.clinic_dev, CLINIC_IP), (self.cloud, self.cloud_dev, CLOUD_IP)):
             _run(["ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev], timeout=10)
             _run(["ip", "-n", ns, "link", "set", dev, "up"], timeout=10)
-        # The rate limit on the sending side. tbf splits GSO packets to fit its burst.
+        # One TCP segment per packet on the clinic side, as on a real uplink: so --loss drops
+        # segments, not 64 KB GSO bursts (tbf would split those anyway).
+        _run(["ip", "-n", self.clinic, "link", "set", self.clinic_dev, "gso_max_segs", "1"], timeout=10)
+        # The rate limit on the sending side.
         _run(["ip", "netns", "exec", self.clinic, "tc", "qdisc", "add", "dev", self.clinic_dev, "root",
               "tbf", "rate", f"{self.rate_mbit}mbit", "burst", "32kbit", "latency", "400ms"], timeout=10)  # fmt: skip
         if self.loss_pct > 0:
@@ -264,7 +267,7 @@ class Link:
         script = (
             "table inet edgeup_loss {\n"
             "  chain out { type filter hook postrouting priority 0; policy accept;\n"
-            f"    oifname \"{self.clinic_dev}\" numgen random mod 10000 < {per_10k} drop\n"
+            f"    oifname \"{self.clinic_dev}\" numgen random mod 10000 < {per_10k} counter drop\n"
             "  }\n}\n"
         )
         proc = subprocess.run(["ip", "netns", "exec", self.clinic, "nft", "-f", "-"], input=script,
@@ -289,6 +292,17 @@ class Link:
         for qdisc in json.loads(out):
             if qdisc.get("kind") == "tbf":
                 return int(qdisc.get("bytes", 0))
+        return 0
+
+    def dropped_packets(self) -> int:
+        """Packets the --loss rule has dropped so far (0 without --loss)."""
+        if self.loss_pct <= 0:
+            return 0
+        out = _run([*self.in_clinic(), "nft", "-j", "list", "table", "inet", "edgeup_loss"], timeout=10).stdout
+        for item in json.loads(out).get("nftables", []):
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    return int(expr["counter"]["packets"])
         return 0
 
     @property
@@ -693,7 +707,7 @@ def measure(name: str, link: Link, root: Path, files: Sequence[Path], bodies: Se
     timeout = 3 * dicom_bytes / link.rate_bytes_per_s + 120
     try:
         cloud.start()
-        link_before = link.link_bytes()
+        link_before, dropped_before = link.link_bytes(), link.dropped_packets()
         if name.startswith("curl"):
             result.seconds = run_curl_phase(link, cloud, bodies, timeout)
         else:
@@ -702,6 +716,8 @@ def measure(name: str, link: Link, root: Path, files: Sequence[Path], bodies: Se
         time.sleep(0.3)  # the proxy's stats file catches up
         result.wire_bytes, result.stow_requests = cloud.phase_stats()
         result.link_bytes = link.link_bytes() - link_before
+        if args.loss > 0:
+            result.notes.append(f"packets dropped by --loss: {link.dropped_packets() - dropped_before}")
         uids = cloud.sop_instance_uids()
         result.received = cloud.instance_count()
         result.unique = len(set(uids))
@@ -732,7 +748,7 @@ def print_results(results: Sequence[Result], link: Link) -> None:
     uncompressed = next((r for r in results if r.name.endswith("=none") and r.ok), None)
     print()
     print(f"{'phase':28} {'in cloud':>9} {'STOW reqs':>9} {'wire MB':>8} {'link MB':>8} {'seconds':>8} "
-          f"{'goodput':>8} {'DICOM MB/s':>10} {'vs none':>8}")  # fmt: skip
+          f"{'goodput':>8} {'DICOM MB/s':>10} {'speed vs none':>13}")  # fmt: skip
     for r in results:
         goodput = r.wire_bytes / r.seconds / link.rate_bytes_per_s if r.seconds else 0.0
         effective = r.dicom_bytes / 1e6 / r.seconds if r.seconds else 0.0
@@ -741,7 +757,7 @@ def print_results(results: Sequence[Result], link: Link) -> None:
             ratio = f"{uncompressed.seconds / r.seconds:.2f}x"
         cloud = f"{r.received}/{r.expected}" + ("" if r.unique == r.received else f" ({r.unique} uniq)")
         print(f"{r.name:28} {cloud:>9} {r.stow_requests:>9} {r.wire_bytes / 1e6:>8.1f} {r.link_bytes / 1e6:>8.1f} "
-              f"{r.seconds:>8.1f} {goodput:>7.1%} {effective:>10.3f} {ratio:>8}")  # fmt: skip
+              f"{r.seconds:>8.1f} {goodput:>7.1%} {effective:>10.3f} {ratio:>13}")  # fmt: skip
     for r in results:
         for note in r.notes if r.ok else []:
             print(f"  {r.name}: {note}")

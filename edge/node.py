@@ -11,6 +11,8 @@ from typing import Protocol
 from edge.config import EdgeConfig
 from edge.console.app import ConsoleService
 from edge.dicom.service import DicomService
+from edge.ops import sdnotify
+from edge.ops.service import OpsService, OpsSetupError
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
 from edge.store.spool import Spool
@@ -20,7 +22,8 @@ from sync.service import SyncService, SyncSetupError
 log = logging.getLogger(__name__)
 
 # Start order; stop is the reverse. `edge run` starts all of them.
-SERVICE_NAMES: tuple[str, ...] = ("dicom", "sync", "console")
+# "ops" (heartbeat, zeroconf) goes last: it announces only what already listens.
+SERVICE_NAMES: tuple[str, ...] = ("dicom", "sync", "console", "ops")
 
 
 class Service(Protocol):
@@ -61,6 +64,8 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
             ))
         elif name == "console":
             services.append(ConsoleService(config, services=tuple(n for n in names if n != "console")))
+        elif name == "ops":
+            services.append(OpsService(config))
     return services
 
 
@@ -75,19 +80,27 @@ async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.E
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     started: list[Service] = []
+    watchdog: asyncio.Task[None] | None = None
     try:
         for service in build_services(config, names):
             try:
                 await service.start()
             except OSError as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc.strerror or exc}") from None
-            except SyncSetupError as exc:
+            except (SyncSetupError, OpsSetupError) as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc}") from None
             started.append(service)
         log.info("node %s up: %s", config.node.id, ", ".join(s.name for s in started))
+        sdnotify.notify("READY=1", f"STATUS=up: {', '.join(s.name for s in started)}")
+        watchdog_s = sdnotify.watchdog_interval_s()
+        if watchdog_s is not None:
+            watchdog = asyncio.create_task(sdnotify.keep_watchdog_fed(watchdog_s), name="watchdog")
         await stop.wait()
         log.info("node %s stopping", config.node.id)
+        sdnotify.notify("STOPPING=1")
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for service in reversed(started):
             await service.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):

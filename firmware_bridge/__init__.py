@@ -1,1 +1,1 @@
-"""ECG collection boxes over serial (see issue: wire protocol, sessions, DICOM ECG)."""
+"""ECG collection boxes over serial: wire protocol, box sessions, DICOM 12-lead ECG, software box."""

@@ -1,11 +1,59 @@
-"""kiosk's edge.toml section."""
+"""kiosk's edge.toml section: the patient kiosk, its printer and the cloud-film link."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import string
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from edge.config.sections import Section
 
+LANGUAGES = ("en", "zu", "xh", "af", "st")
+_TEMPLATE_FIELDS = {"study_uid", "token"}
+
 
 class KioskSection(Section):
+    bind_address: str = "0.0.0.0"
     port: int = Field(default=8081, ge=1, le=65535)
+    languages: list[Literal["en", "zu", "xh", "af", "st"]] = Field(default_factory=lambda: list(LANGUAGES))
+    idle_timeout_s: float = Field(default=60.0, ge=5, le=3600)
+    pin_digits: int = Field(default=6, ge=4, le=8)
+    ticket_valid_days: int = Field(default=90, ge=1, le=3650)
+    max_pin_failures: int = Field(default=5, ge=1, le=100)
+    lockout_minutes: float = Field(default=15.0, gt=0, le=10080)
+    throttle_after_failures: int = Field(default=10, ge=1, le=1000)
+    throttle_window_s: float = Field(default=600.0, gt=0, le=86400)
+    throttle_max_delay_s: float = Field(default=60.0, gt=0, le=3600)
+    print_limit: int = Field(default=2, ge=1, le=100)
+    report_estimate_hours: float = Field(default=24.0, gt=0, le=720)
+    viewer_url_template: str = "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}&token={token}"
+    token_days: int = Field(default=30, ge=1, le=3650)
+    token_key_file: str = ""
+    printer: Literal["cups", "escpos"] = "cups"
+    cups_server: str = ""
+    cups_queue: str = Field(default="kiosk", pattern=r"^[A-Za-z0-9_.-]{1,127}$")
+    escpos_device: str = "/dev/usb/lp0"
+    printer_check_interval_s: float = Field(default=15.0, gt=0, le=3600)
+    collect_at: str = Field(default="the patient kiosk at reception", max_length=80)
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template: {exc}") from None
+        if names != _TEMPLATE_FIELDS:
+            raise ValueError("must contain exactly the placeholders {study_uid} and {token}")
+        return value
+
+    @model_validator(mode="after")
+    def _languages_present(self) -> KioskSection:
+        if not self.languages:
+            raise ValueError("languages: list at least one of en, zu, xh, af, st")
+        if len(set(self.languages)) != len(self.languages):
+            raise ValueError("languages: each language once")
+        return self

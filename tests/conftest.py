@@ -47,6 +47,8 @@ def write_config(path: Path, data_dir: Path, **sections: dict[str, Any]) -> Path
         "storage": {"data_dir": str(data_dir), "min_free_mb": 0},
         "console": {"port": free_port(), "bind_address": "127.0.0.1"},
         "kiosk": {"port": free_port()},
+        # Tests talk to loopback only: no mDNS on the machine's real interfaces.
+        "ops": {"zeroconf": False, "zeroconf_interfaces": ["127.0.0.1"]},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

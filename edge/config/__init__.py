@@ -21,6 +21,7 @@ from edge.config.sections import (
     NodeSection,
     StorageSection,
 )
+from edge.ops.config import OpsSection
 from kiosk.config import KioskSection
 from sync.config import CloudSection, ReportsSection, SyncSection
 
@@ -45,6 +46,7 @@ class EdgeConfig(BaseModel):
     reports: ReportsSection = Field(default_factory=ReportsSection)
     console: ConsoleSection = Field(default_factory=ConsoleSection)
     kiosk: KioskSection = Field(default_factory=KioskSection)
+    ops: OpsSection = Field(default_factory=OpsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     # Where the file was read from; relative paths in it are resolved against its folder.

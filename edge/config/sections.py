@@ -37,8 +37,12 @@ class DicomSection(Section):
     max_pdu_bytes: int = Field(default=262144, ge=0, le=16777216)
     max_associations: int = Field(default=8, ge=1, le=64)
     network_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # The clinic's DR, for `edge doctor` (C-ECHO); "" host = not configured.
+    modality_ae: str = "DR"
+    modality_host: str = ""
+    modality_port: int = Field(default=104, ge=1, le=65535)
 
-    _check_ae = field_validator("ae_title")(check_ae_title)
+    _check_ae = field_validator("ae_title", "modality_ae")(check_ae_title)
 
     @field_validator("allowed_calling_aets")
     @classmethod

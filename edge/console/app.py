@@ -32,7 +32,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def make_app(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> web.Application:
     """``services``: which of the node's services /healthz expects to be up."""
-    register_store_collector(config)
+    register_store_collector(config, services)
     app = web.Application()
     app[CONFIG] = config
     app[SERVICES] = services

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import tempfile
 import threading
@@ -21,18 +22,19 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import (
-    ALL_TRANSFER_SYNTAXES,
     AE,
+    ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
     evt,
 )
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from edge.config import EdgeConfig
+from edge.dicom import receive_file
 from edge.dicom.const import (
     ACSE_TIMEOUT_S,
     STATUS_OUT_OF_RESOURCES,
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # Process-wide pynetdicom switches: stream datasets to disk, keep identifiers out of logs.
 _config.STORE_RECV_CHUNKED_DATASET = True
+receive_file.install()  # a disk that fills mid-transfer gets 0xA700, not an abort
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -59,27 +62,32 @@ def _calling(event: Any) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
+# A PDU's length comes from the peer: buffer at most this much ahead of the bytes that have
+# actually arrived, so a broken or hostile length field (up to 4 GiB) costs no memory.
+_RECV_GROW_BYTES = 1 << 20
+
+
 def _recv_exactly(assoc_sock: AssociationSocket, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with the same contract, reading straight into one buffer.
 
     pynetdicom's own version asks the kernel for at most 4 KiB per call and appends each
-    piece to a bytearray: about 35 Python-level calls and copies per 128 KiB PDU, which
-    was ~10 ms of the reactor's time per 18 MB image. This asks for everything still
-    missing each time, so a PDU usually arrives in a few calls. As before: it blocks until
-    ``nr_bytes`` are read, returns what it has if the peer closes, and lets socket errors
-    and timeouts propagate.
+    piece to a bytearray: about 35 Python-level calls and copies per 128 KiB PDU. This asks
+    for everything still missing each time, so a PDU usually arrives in a few calls. As
+    before: it blocks until ``nr_bytes`` are read, returns what it has if the peer closes,
+    and lets socket errors and timeouts propagate.
     """
     sock = cast(socket.socket, assoc_sock.socket)
-    buffer = bytearray(nr_bytes)
+    buffer = bytearray(min(nr_bytes, _RECV_GROW_BYTES))
     nr_read = 0
-    with memoryview(buffer) as view:
-        while nr_read < nr_bytes:
+    while nr_read < nr_bytes:
+        if nr_read == len(buffer):
+            buffer.extend(bytes(min(nr_bytes - nr_read, _RECV_GROW_BYTES)))
+        with memoryview(buffer) as view:
             got = sock.recv_into(view[nr_read:])
-            if not got:
-                break
-            nr_read += got
-    if nr_read < nr_bytes:
-        del buffer[nr_read:]
+        if not got:
+            break
+        nr_read += got
+    del buffer[nr_read:]
     return buffer
 
 
@@ -207,6 +215,13 @@ class DicomService:
     def _on_store(self, event: Any) -> int | Dataset:
         """Keep the instance durably, then answer; every failure gets a DICOM status."""
         calling = _calling(event)
+        if receive_file.ran_out_of_space(event.dataset_path):
+            metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
+            log.error(
+                "dicom: refused instance %s from %s: the disk filled while it was received",
+                event.request.AffectedSOPInstanceUID, calling,
+            )
+            return _status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
         if self.spool.free_mb() < self.config.storage.min_free_mb and self.make_room is not None:
             try:
                 self.make_room()
@@ -223,6 +238,7 @@ class DicomService:
             )
             return _status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
         try:
+            received_bytes = os.path.getsize(event.dataset_path)
             kept = keep_instance(self.spool, event.dataset_path, calling_aet=calling)
         except RejectedInstance as exc:
             metrics.CSTORE_RESULTS.labels("rejected").inc()
@@ -239,6 +255,8 @@ class DicomService:
             log.exception("dicom: failed to keep instance %s from %s", event.request.AffectedSOPInstanceUID, calling)
             return _status(STATUS_PROCESSING_FAILURE, "edge node could not keep the instance")
         metrics.CSTORE_RESULTS.labels("duplicate" if kept.duplicate else "kept").inc()
+        if not kept.duplicate:
+            metrics.RECEIVED_BYTES.inc(received_bytes)
         if self.on_kept is not None and not kept.duplicate:
             self.on_kept(kept)
         return STATUS_SUCCESS

@@ -6,10 +6,11 @@ own process reports the same queue depth as the process that fills it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,6 +20,20 @@ if TYPE_CHECKING:
 ASSOCIATIONS_OPEN = Gauge("edge_dicom_associations_open", "DICOM associations open now")
 ASSOCIATIONS_REJECTED = Counter("edge_dicom_associations_rejected", "Associations rejected (AE title)")
 CSTORE_RESULTS = Counter("edge_dicom_cstore", "C-STORE requests answered, by result", ["result"])
+RECEIVED_BYTES = Counter("edge_dicom_received_bytes", "Bytes of new instances kept from C-STORE, as received")
+
+PROCESS_STARTED_AT = time.time()
+"""When this process started: ``edge_node_start_time_seconds`` (uptime = now - this)."""
+
+FleetCollectorFactory = Callable[["EdgeConfig"], Collector]
+_fleet_factories: list[FleetCollectorFactory] = []
+
+
+def add_fleet_collector(factory: FleetCollectorFactory) -> None:
+    """Hook for the bridge (boxes, battery) and kiosk (printer): their store-derived figures
+    join the heartbeat, the textfile and /metrics. Call once, at import of their metrics module."""
+    if factory not in _fleet_factories:
+        _fleet_factories.append(factory)
 
 
 class StoreCollector(Collector):
@@ -50,16 +65,75 @@ class StoreCollector(Collector):
             value=summary.oldest_pending_age_s or 0.0,
         )
         yield GaugeMetricFamily("edge_disk_free_bytes", "Free bytes on the data disk", value=disk_free_bytes(self.config))
+        yield GaugeMetricFamily(
+            "edge_outbox_last_upload_timestamp_seconds",
+            "When the cloud last confirmed an instance (0 = never), from the store",
+            value=_timestamp(summary.last_upload_at),
+        )
+        yield GaugeMetricFamily(
+            "edge_node_start_time_seconds", "When this node process started (Unix time)", value=PROCESS_STARTED_AT
+        )
 
 
-_registered: StoreCollector | None = None
+def _timestamp(iso_utc: str | None) -> float:
+    import datetime as dt
+
+    if not iso_utc:
+        return 0.0
+    return dt.datetime.fromisoformat(iso_utc.replace("Z", "+00:00")).timestamp()
 
 
-def register_store_collector(config: EdgeConfig) -> None:
-    """Register once per process; later calls only update the config it reads."""
+class HealthCollector(Collector):
+    """The /healthz checks as gauges, so central ops alert on the same verdicts the technician sees."""
+
+    def __init__(self, config: EdgeConfig, services: tuple[str, ...]) -> None:
+        self.config = config
+        self.services = services
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from edge.ops.health import health_report, port_listening, run_checks
+
+        checks = run_checks(self.config, self.services)
+        healthy, _ = health_report(self.config, checks)
+        family = GaugeMetricFamily(
+            "edge_health_check_ok", "1 when a /healthz check passes, by check", labels=["check", "critical"]
+        )
+        for check in checks:
+            family.add_metric([check.name, str(check.critical).lower()], 1.0 if check.ok else 0.0)
+        yield family
+        yield GaugeMetricFamily("edge_healthy", "1 when /healthz answers 200 (no critical check failing)", value=float(healthy))
+        up = GaugeMetricFamily("edge_service_up", "1 when the service's port accepts connections", labels=["service"])
+        for name, section in (("dicom", self.config.dicom), ("console", self.config.console)):
+            up.add_metric([name], float(port_listening(section.bind_address, section.port)))
+        yield up
+
+
+def fleet_registry(config: EdgeConfig, services: tuple[str, ...] = ("dicom", "sync")) -> CollectorRegistry:
+    """What the heartbeat and the textfile carry: store and health figures, the same from any process.
+
+    In-process counters are left out on purpose: under systemd each service is its own
+    process, and only what comes from the store and the ports means the same everywhere.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(config))
+    registry.register(HealthCollector(config, services))
+    for factory in _fleet_factories:
+        registry.register(factory(config))
+    return registry
+
+
+_registered: tuple[StoreCollector, HealthCollector] | None = None
+
+
+def register_store_collector(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> None:
+    """Register once per process; later calls only update the config (and services) they read."""
     global _registered
     if _registered is None:
-        _registered = StoreCollector(config)
-        REGISTRY.register(_registered)
+        _registered = (StoreCollector(config), HealthCollector(config, services))
+        for collector in _registered:
+            REGISTRY.register(collector)
+        for factory in _fleet_factories:
+            REGISTRY.register(factory(config))
     else:
-        _registered.config = config
+        _registered[0].config = config
+        _registered[1].config, _registered[1].services = config, services

@@ -2,7 +2,8 @@
 
 A power cut can leave: a temp file of an unfinished C-STORE (never acknowledged: remove),
 a file renamed into place whose rows were not committed (not acknowledged, but complete:
-index and queue it), or a row whose file is gone (disk trouble: flag it for ops).
+index and queue it), or a row whose file is gone (disk trouble: flag it for ops; unless
+retention evicted it on purpose after the cloud had it, see ``Instance.evicted_at``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ReconcileReport:
     files_indexed: int = 0
     files_unreadable: int = 0
     rows_missing_file: int = 0
+    evicted_files_removed: int = 0
 
 
 def _remove_temp_files(spool: Spool) -> int:
@@ -48,12 +50,19 @@ def _set_aside(spool: Spool, path: Path, reason: str) -> None:
 def reconcile(spool: Spool) -> ReconcileReport:
     """Make spool and database agree; run before the DICOM service accepts associations."""
     report = ReconcileReport(temp_files_removed=_remove_temp_files(spool))
-    known = {row.path: row for row in Instance.select(Instance.id, Instance.path, Instance.file_missing)}
+    known = {
+        row.path: row
+        for row in Instance.select(Instance.id, Instance.path, Instance.file_missing, Instance.evicted_at)
+    }
     seen: set[str] = set()
     for path in sorted(spool.root.glob("*/*.dcm")):
         relative = f"{path.parent.name}/{path.name}"
         seen.add(relative)
         if relative in known:
+            if known[relative].evicted_at is not None:
+                # Retention committed the eviction, then the power went before the delete.
+                path.unlink(missing_ok=True)
+                report.evicted_files_removed += 1
             continue
         try:
             kept = keep_instance(spool, path, source="reconcile")
@@ -65,8 +74,10 @@ def reconcile(spool: Spool) -> ReconcileReport:
             continue
         report.files_indexed += 1
         log.warning("reconcile: indexed spool file %s of study %s (no row after power cut)", kept.sop_instance_uid, kept.study_instance_uid)
-    missing = [row for path, row in known.items() if path not in seen]
-    back = [row for path, row in known.items() if path in seen and row.file_missing]
+    # An evicted instance's file was removed on purpose (retention, after the cloud had it):
+    # its row is a tombstone, not a missing file.
+    missing = [row for path, row in known.items() if path not in seen and row.evicted_at is None]
+    back = [row for path, row in known.items() if row.file_missing and (path in seen or row.evicted_at is not None)]
     with write_transaction():
         for row in missing:
             if not row.file_missing:

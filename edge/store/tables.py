@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from peewee import SqliteDatabase
-
-from peewee import BigIntegerField, BooleanField, DateTimeField
+from peewee import BigIntegerField, BooleanField, DateTimeField, SqliteDatabase
 
 from edge.store.migrations import add_column_if_missing
 from edge.store.models import CORE_TABLES

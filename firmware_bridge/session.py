@@ -1,0 +1,319 @@
+"""One box on one serial port: read frames, keep recordings, survive garbage and unplugging."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import serial
+import serial_asyncio
+
+from edge.store.spool import KeptInstance, RejectedInstance, Spool, keep_instance
+from firmware_bridge import boxes
+from firmware_bridge.config import BridgeSection
+from firmware_bridge.const import PROTOCOL_VERSION, Msg, Nak
+from firmware_bridge.ecg_dicom import EcgContext, build_ecg, write_ecg
+from firmware_bridge.protocol import (
+    Ack, Frame, FrameDecoder, Hello, NakMsg, ProtocolError, RecEnd, RecStart, Samples, SeqCounter, Status,
+    encode_frame, host_hello, parse, seq_gap,
+)
+from firmware_bridge.recording import Recording
+
+log = logging.getLogger(__name__)
+
+STATUS_WRITE_EVERY_S = 10.0  # unchanged STATUS is written this seldom (SD-card wear)
+
+
+class PortGone(Exception):
+    """The port closed under us (unplugged)."""
+
+
+@dataclass
+class SessionStats:
+    """Counters for tests, the benchmark and the log."""
+
+    connects: int = 0
+    frames: int = 0
+    crc_errors: int = 0
+    garbage: int = 0
+    lost_frames: int = 0
+    bytes: int = 0
+    kept: list[str] = field(default_factory=list)  # SOP Instance UIDs
+    interrupted: int = 0
+
+
+class BoxSession:
+    """The bridge's side of one port, for as long as the bridge runs; reconnects by itself."""
+
+    def __init__(
+        self,
+        port: str,
+        settings: BridgeSection,
+        spool: Spool,
+        institution: str = "",
+        station: str = "",
+        on_kept: Callable[[KeptInstance], None] | None = None,
+    ) -> None:
+        self.port = port
+        self.settings = settings
+        self.spool = spool
+        self.institution = institution
+        self.station = station
+        self.on_kept = on_kept
+        self.stats = SessionStats()
+        self.hello: Hello | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._seq = SeqCounter()
+        self._last_seq: int | None = None
+        self._recording: Recording | None = None
+        self._rec_started: dt.datetime | None = None
+        self._status_written: tuple[float, tuple[int, int, bool]] | None = None
+        self._version_warned = False
+
+    async def run(self) -> None:
+        """Open, talk, and on any loss of the port wait (backing off) and open again."""
+        delay = self.settings.reconnect_min_s
+        waiting_logged = False
+        while True:
+            try:
+                reader, writer = await serial_asyncio.open_serial_connection(
+                    url=self.port, baudrate=self.settings.baud, exclusive=True
+                )
+            except (serial.SerialException, OSError, ValueError) as exc:
+                if not waiting_logged:
+                    log.info("bridge: waiting for a box on %s (%s)", self.port, _reason(exc))
+                    waiting_logged = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_s)
+                continue
+            waiting_logged = False
+            self.stats.connects += 1
+            log.info("bridge: port %s open", self.port)
+            started = time.monotonic()
+            try:
+                await self._talk(reader, writer)
+            except (PortGone, serial.SerialException, OSError, ConnectionError) as exc:
+                log.warning("bridge: port %s lost (%s); reconnecting", self.port, _reason(exc))
+            finally:
+                self._writer = None
+                writer.close()
+                await self._disconnected()
+            if time.monotonic() - started > 10:
+                delay = self.settings.reconnect_min_s
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def _talk(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        decoder = FrameDecoder()
+        self._last_seq = None
+        self._send(Msg.HOST_HELLO, host_hello())
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(4096), self.settings.silence_s)
+            except TimeoutError:
+                await self._silent()
+                continue
+            if not data:
+                raise PortGone("end of file")
+            self.stats.bytes += len(data)
+            for frame in decoder.feed(data):
+                if frame is not None:
+                    await self._on_frame(frame)
+            self.stats.crc_errors, self.stats.garbage = decoder.stats.crc_errors, decoder.stats.garbage
+
+    def _send(self, msg: Msg, payload: bytes) -> None:
+        if self._writer is not None:
+            self._writer.write(encode_frame(msg, self._seq.next(), payload))
+
+    async def _silent(self) -> None:
+        """Nothing for ``silence_s``: the box may be off or restarted; ask it who it is."""
+        if self._recording is not None:
+            await self._interrupt("box fell silent")
+        if self.hello is not None:
+            log.info("bridge: box %s on %s silent for %.0f s", self.hello.box_id, self.port, self.settings.silence_s)
+            await asyncio.to_thread(boxes.note_disconnected, self.hello.box_id)
+            self.hello = None
+        self._send(Msg.HOST_HELLO, host_hello())
+
+    async def _on_frame(self, frame: Frame) -> None:
+        if frame.version != PROTOCOL_VERSION:
+            if not self._version_warned:
+                log.warning("bridge: box on %s speaks protocol v%d, this bridge v%d: update the %s",
+                            self.port, frame.version, PROTOCOL_VERSION,
+                            "node" if frame.version > PROTOCOL_VERSION else "box's firmware")
+                self._version_warned = True
+            return
+        self.stats.frames += 1
+        lost = seq_gap(self._last_seq, frame.seq)
+        self._last_seq = frame.seq
+        if lost:
+            self.stats.lost_frames += lost
+            if self._recording is not None:
+                self._recording.lost_frames += lost
+        try:
+            msg = parse(frame)
+        except ProtocolError as exc:
+            log.warning("bridge: bad message from %s: %s", self.port, exc)
+            return
+        if isinstance(msg, Hello):
+            await self._on_hello(msg)
+        elif self.hello is None:
+            if frame.type == Msg.STATUS:  # a box that was there before we opened: ask
+                self._send(Msg.HOST_HELLO, host_hello())
+            elif frame.type == Msg.REC_END:
+                self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.BAD_STATE, msg.rec_id).pack())  # type: ignore[attr-defined]
+        elif isinstance(msg, Status):
+            await self._on_status(msg)
+        elif isinstance(msg, Samples):
+            if self._recording is not None and msg.rec_id == self._recording.rec_id:
+                self._recording.add(msg)
+        elif isinstance(msg, RecStart):
+            await self._on_rec_start(msg)
+        elif isinstance(msg, RecEnd):
+            await self._on_rec_end(frame, msg)
+
+    async def _on_hello(self, hello: Hello) -> None:
+        if self._recording is not None:
+            await self._interrupt("box restarted")
+        changed = self.hello is None or self.hello != hello
+        self.hello = hello
+        self._status_written = None
+        await asyncio.to_thread(boxes.note_hello, self.port, hello)
+        if changed:
+            log.info("bridge: box %s on %s: model %s, firmware %s, %d leads at %d Hz, %.3g uV/LSB",
+                     hello.box_id, self.port, hello.model, hello.fw_version, len(hello.leads),
+                     hello.sample_rate, hello.nv_per_lsb / 1000)
+
+    async def _on_status(self, status: Status) -> None:
+        assert self.hello is not None
+        recording = self._recording is not None
+        if recording:
+            self._recording.lead_off_mask |= status.lead_off  # type: ignore[union-attr]
+        key = (status.battery_pct, status.lead_off, recording)
+        now = time.monotonic()
+        if self._status_written and self._status_written[1] == key and now - self._status_written[0] < STATUS_WRITE_EVERY_S:
+            return
+        if not self._status_written or self._status_written[1][1] != status.lead_off:
+            if status.lead_off:
+                log.info("bridge: box %s lead-off: %s", self.hello.box_id, boxes.lead_off_names(status.lead_off))
+        self._status_written = (now, key)
+        await asyncio.to_thread(boxes.note_status, self.hello.box_id, status, recording)
+
+    async def _on_rec_start(self, start: RecStart) -> None:
+        assert self.hello is not None
+        if self._recording is not None:
+            await self._interrupt("a new recording started before the last one ended")
+        self._recording = Recording(self.hello, start.rec_id, start.expected)
+        self._rec_started = dt.datetime.now()
+        await asyncio.to_thread(boxes.recording_started, self.hello.box_id, start.rec_id)
+        log.info("bridge: box %s recording %d started (%d samples expected)", self.hello.box_id, start.rec_id, start.expected)
+
+    async def _interrupt(self, why: str) -> None:
+        rec, self._recording = self._recording, None
+        if rec is None or self.hello is None:
+            return
+        self.stats.interrupted += 1
+        log.warning("bridge: box %s recording %d interrupted (%s) after %d samples", self.hello.box_id, rec.rec_id, why, rec.received)
+        await asyncio.to_thread(
+            boxes.recording_finished, self.hello.box_id, rec.rec_id, "interrupted",
+            samples=rec.received, lost_frames=rec.lost_frames, detail=why,
+        )
+
+    async def _on_rec_end(self, frame: Frame, end: RecEnd) -> None:
+        assert self.hello is not None
+        rec = self._recording
+        if rec is None or rec.rec_id != end.rec_id:
+            kept = await asyncio.to_thread(_already_kept, self.hello.box_id, end.rec_id)
+            if kept:  # our ACK was lost: say it again
+                self._send(Msg.ACK, Ack(frame.type, frame.seq, end.rec_id).pack())
+            else:  # we missed its start: the box offers the whole recording again
+                self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.BAD_STATE, end.rec_id).pack())
+            return
+        self._recording = None
+        try:
+            kept = await asyncio.to_thread(self._keep, rec, end)
+        except RejectedInstance as exc:
+            log.error("bridge: box %s recording %d not kept: %s", self.hello.box_id, rec.rec_id, exc.reason)
+            await asyncio.to_thread(boxes.recording_finished, self.hello.box_id, rec.rec_id, "failed", detail=exc.reason)
+            self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.STORAGE, end.rec_id).pack())
+            return
+        self._send(Msg.ACK, Ack(frame.type, frame.seq, end.rec_id).pack())
+        self.stats.kept.append(kept.sop_instance_uid)
+        if self.on_kept is not None and not kept.duplicate:
+            self.on_kept(kept)
+
+    def _keep(self, rec: Recording, end: RecEnd) -> KeptInstance:
+        """DICOM file in the spool's tmp, then the durable path; only then may the box be told."""
+        hello = self.hello
+        assert hello is not None
+        done = _kept_uid(hello.box_id, rec.rec_id)
+        if done is not None:  # offered again after our ACK was lost: same UID, nothing new
+            log.info("bridge: box %s recording %d already kept as %s", hello.box_id, rec.rec_id, done[0])
+            return KeptInstance(done[0], done[1], duplicate=True)
+        samples, missing = rec.finish(end.total)
+        order = boxes.armed_order(hello.box_id)
+        lead_off = boxes.lead_off_names(rec.lead_off_mask)
+        ctx = EcgContext(hello, rec.rec_id, self._rec_started or dt.datetime.now(), order,
+                         self.institution, self.station, missing, lead_off)
+        ds = build_ecg(ctx, samples)
+        fd, name = tempfile.mkstemp(prefix="ecg-", suffix=".dcm", dir=self.spool.tmp)
+        os.close(fd)
+        path = Path(name)
+        try:
+            write_ecg(ds, path)
+            kept = keep_instance(self.spool, path, calling_aet="", source="ecg")
+        finally:
+            path.unlink(missing_ok=True)  # gone already once kept (renamed into the spool)
+        boxes.recording_finished(
+            hello.box_id, rec.rec_id, "kept", consumed_arming=order.arming_id if order else None,
+            sop_instance_uid=kept.sop_instance_uid, samples=len(samples), missing_samples=missing,
+            damaged=missing > 0, lost_frames=rec.lost_frames, matched=order is not None,
+            patient_id=order.patient_id if order else "", accession_number=order.accession_number if order else "",
+            lead_off=lead_off,
+        )
+        log.info(
+            "bridge: box %s recording %d kept as %s (%d samples%s, %s)",
+            hello.box_id, rec.rec_id, kept.sop_instance_uid, len(samples),
+            f", {missing} missing: marked damaged" if missing else "",
+            f"accession {order.accession_number or '-'}" if order else "unmatched",
+        )
+        return kept
+
+    async def _disconnected(self) -> None:
+        if self._recording is not None:
+            await self._interrupt("port lost")
+        if self.hello is not None:
+            await asyncio.to_thread(boxes.note_disconnected, self.hello.box_id)
+            self.hello = None
+
+
+def _already_kept(box_id: str, rec_id: int) -> bool:
+    from firmware_bridge.tables import EcgRecording
+
+    return EcgRecording.select().where(
+        EcgRecording.box_id == box_id, EcgRecording.rec_id == rec_id, EcgRecording.state == "kept"
+    ).exists()
+
+
+def _kept_uid(box_id: str, rec_id: int) -> tuple[str, str] | None:
+    from edge.store.models import Instance
+    from firmware_bridge.tables import EcgRecording
+
+    row = EcgRecording.get_or_none(
+        EcgRecording.box_id == box_id, EcgRecording.rec_id == rec_id, EcgRecording.state == "kept")
+    if row is None:
+        return None
+    inst = Instance.get_or_none(Instance.sop_instance_uid == row.sop_instance_uid)
+    return row.sop_instance_uid, inst.study.study_instance_uid if inst else ""
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

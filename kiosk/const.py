@@ -1,0 +1,24 @@
+"""Names the kiosk shares between its modules."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+KIOSK_DIR: Final = "kiosk"
+"""Under the data dir: the node's token key (when no key file is configured)."""
+
+TOKEN_KEY_NAME: Final = "viewer-token.key"
+
+CODE_DIGITS: Final = 10  # nine random digits and a Luhn check digit
+
+# One audit row per event; ``action`` says what was tried, ``outcome`` how it ended.
+AuditAction = Literal["issue", "lookup", "print", "reprint_allowed"]
+LOOKUP_OUTCOMES: Final = (
+    "ready", "not_ready", "wrong_pin", "unknown_code", "bad_code", "locked", "throttled", "expired",
+)
+PRINT_OUTCOMES: Final = ("printing", "printed", "failed", "limit_reached", "printer_unavailable")
+FAILED_LOOKUPS: Final = frozenset({"wrong_pin", "unknown_code"})
+COUNTED_PRINTS: Final = ("printing", "printed")
+
+PrinterState = Literal["ok", "offline", "paper_out", "job_failed", "unknown"]
+PRINTER_STATES: Final = ("ok", "offline", "paper_out", "job_failed", "unknown")
