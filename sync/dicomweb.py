@@ -23,6 +23,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from edge.store.spool import fsync_dir
+
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
@@ -691,8 +693,4 @@ def _flush_and_sync(handle: BinaryIO) -> None:
 def _publish(tmp: Path, dest: Path) -> None:
     """Rename into place and fsync the directory, so the file survives a power cut."""
     os.replace(tmp, dest)
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(dest.parent)

@@ -30,6 +30,7 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
+from edge.store.spool import fsync_dir
 from sync.dicomweb import (
     ENCAPSULATED_PDF,
     REPORT_SOP_CLASSES,
@@ -248,15 +249,7 @@ def _write_durably(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------- the puller
@@ -560,6 +553,6 @@ def _make_dir(folder: Path, root: Path) -> None:
     new = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     if new_root:
-        _fsync_dir(root.parent)
+        fsync_dir(root.parent)
     if new:
-        _fsync_dir(root)
+        fsync_dir(root)
