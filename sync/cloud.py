@@ -69,5 +69,8 @@ def open_session(config: EdgeConfig) -> aiohttp.ClientSession:
     """The node's one client session to the cloud; no total timeout (big uploads on slow links)."""
     cfg = config.cloud
     timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s)
-    connector = aiohttp.TCPConnector(ssl=ssl_context(config), limit=config.sync.concurrency + 4)
+    # A fresh connection per request: between two uploads a slot compresses the next image,
+    # and a server that closes idle keep-alive connections (Orthanc does, quickly) would
+    # otherwise break the next request on a reused socket. One handshake per batch is cheap.
+    connector = aiohttp.TCPConnector(ssl=ssl_context(config), limit=config.sync.concurrency + 4, force_close=True)
     return aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from peewee import CharField, DateTimeField, ForeignKeyField, IntegerField, SqliteDatabase, TextField
+from peewee import (
+    CharField,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    SqliteDatabase,
+    TextField,
+)
 
 from edge.store.models import StoreModel, Study, utcnow
 

@@ -16,7 +16,13 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_never,
+    wait_random_exponential,
+)
 
 from edge.store.spool import Spool
 from sync import metrics
