@@ -9,14 +9,15 @@ from pydantic import Field, field_validator, model_validator
 
 from edge.config.sections import Section
 
-LANGUAGES = ("en", "zu", "xh", "af", "st")
+Language = Literal["en", "zu", "xh", "af", "st"]
+LANGUAGES: tuple[Language, ...] = ("en", "zu", "xh", "af", "st")
 _TEMPLATE_FIELDS = {"study_uid", "token"}
 
 
 class KioskSection(Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=8081, ge=1, le=65535)
-    languages: list[Literal["en", "zu", "xh", "af", "st"]] = Field(default_factory=lambda: list(LANGUAGES))
+    languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
     idle_timeout_s: float = Field(default=60.0, ge=5, le=3600)
     pin_digits: int = Field(default=6, ge=4, le=8)
     ticket_valid_days: int = Field(default=90, ge=1, le=3650)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 MigrationStep = Callable[[SqliteDatabase], None]
 
 # Modules that own tables, each exposing MIGRATIONS: Sequence[MigrationStep].
-SCHEMA_OWNERS: tuple[str, ...] = ("edge.store.tables", "sync.tables", "kiosk.tables")
+SCHEMA_OWNERS: tuple[str, ...] = ("edge.store.tables", "sync.tables", "kiosk.tables", "firmware_bridge.tables")
 
 
 class SchemaMigration(Model):

@@ -1,0 +1,403 @@
+"""``edge serve kiosk``: the patient kiosk web app (aiohttp, server-rendered) and its service.
+
+Screens: language → slip code → PIN → "not ready yet" or a preview → Print → "take your
+page" (or "please ask at reception"). Every URL is fixed: what the patient enters travels
+only in POST bodies, and the server keeps it in a session the idle timeout forgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pypdf import PdfReader
+
+from edge.config import EdgeConfig
+from kiosk import metrics, pages
+from kiosk.const import PrinterState
+from kiosk.i18n import load_catalog
+from kiosk.printing import CupsPrinter, EscposPrinter, PrinterBackend
+from kiosk.printjob import FilmLink, print_ticket_report
+from kiosk.report_pdf import readable_date
+from kiosk.sessions import COOKIE, KioskSession, SessionStore
+from kiosk.tickets import GuardSettings, Lookup, finish_print, look_up, ticket_report
+from kiosk.viewer_token import load_or_create_key
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
+
+STATIC_DIR = Path(__file__).with_name("static")
+
+
+@dataclass
+class KioskContext:
+    """Everything the handlers share, built once at start-up."""
+
+    config: EdgeConfig
+    sessions: SessionStore
+    printer: PrinterBackend
+    guard: GuardSettings
+    link: FilmLink
+    printer_state: PrinterState = "unknown"
+
+
+KIOSK = web.AppKey("kiosk", KioskContext)
+
+
+def guard_settings(config: EdgeConfig) -> GuardSettings:
+    k = config.kiosk
+    return GuardSettings(
+        max_pin_failures=k.max_pin_failures, lockout_minutes=k.lockout_minutes,
+        throttle_after_failures=k.throttle_after_failures, throttle_window_s=k.throttle_window_s,
+        throttle_max_delay_s=k.throttle_max_delay_s, print_limit=k.print_limit,
+        report_estimate_hours=k.report_estimate_hours,
+    )
+
+
+def make_printer(config: EdgeConfig) -> PrinterBackend:
+    k = config.kiosk
+    if k.printer == "escpos":
+        return EscposPrinter(config.path(k.escpos_device) or Path(k.escpos_device))
+    return CupsPrinter(k.cups_queue, k.cups_server)
+
+
+def make_context(config: EdgeConfig) -> KioskContext:
+    """Raises viewer_token.KeyFileError when the token key cannot be read or made."""
+    k = config.kiosk
+    key = load_or_create_key(config.data_dir, config.path(k.token_key_file))
+    return KioskContext(
+        config=config,
+        sessions=SessionStore(k.idle_timeout_s),
+        printer=make_printer(config),
+        guard=guard_settings(config),
+        link=FilmLink(k.viewer_url_template, key, config.node.id, k.token_days),
+    )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _ctx(request: web.Request) -> KioskContext:
+    return request.app[KIOSK]
+
+
+def _session(request: web.Request) -> KioskSession | None:
+    return _ctx(request).sessions.get(request.cookies.get(COOKIE))
+
+
+def _frame(request: web.Request, session: KioskSession | None) -> pages.Frame:
+    ctx = _ctx(request)
+    language = session.language if session else ctx.config.kiosk.languages[0]
+    return pages.Frame(load_catalog(language), ctx.config.node.name, ctx.config.kiosk.idle_timeout_s)
+
+
+def _html(text: str, refresh: float | None = None) -> web.Response:
+    response = web.Response(text=text, content_type="text/html", charset="utf-8")
+    if refresh is not None:
+        response.headers["Refresh"] = str(refresh)
+    return response
+
+
+def _to(path: str) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(path)
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def private_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No page is cached (Back must not show the last patient), framed, or referred elsewhere."""
+    response = await handler(request)
+    if not request.path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:; form-action 'self'"
+    return response
+
+
+# ---------------------------------------------------------------------- screens
+
+
+async def start(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    ctx.sessions.drop(request.cookies.get(COOKIE))
+    response = _html(pages.languages_page(_frame(request, None), ctx.config.kiosk.languages))
+    response.del_cookie(COOKIE)
+    return response
+
+
+async def reset(request: web.Request) -> web.StreamResponse:
+    _ctx(request).sessions.drop(request.cookies.get(COOKIE))
+    response = _to("/")
+    response.del_cookie(COOKIE)
+    raise response
+
+
+async def choose_language(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    form = await request.post()
+    language = str(form.get("lang", ""))
+    if language not in ctx.config.kiosk.languages:
+        raise _to("/")
+    ctx.sessions.drop(request.cookies.get(COOKIE))
+    session = ctx.sessions.new(language)
+    response = _to("/code")
+    response.set_cookie(COOKIE, session.id, httponly=True, samesite="Strict", path="/")
+    raise response
+
+
+async def code_screen(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    if session is None:
+        raise _to("/")
+    message, session.message = session.message, ""
+    session.code, session.ticket_id = "", None
+    return _html(pages.code_page(_frame(request, session), message))
+
+
+async def code_entered(request: web.Request) -> web.StreamResponse:
+    from kiosk.tickets import normalise_code
+
+    session = _session(request)
+    if session is None:
+        raise _to("/")
+    form = await request.post()
+    code = normalise_code(str(form.get("code", ""))[:40])
+    if code is None:
+        session.message = load_catalog(session.language)("code_invalid")
+        raise _to("/code")
+    session.code = code
+    raise _to("/pin")
+
+
+async def pin_screen(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    if session is None:
+        raise _to("/")
+    if not session.code:
+        raise _to("/code")
+    message, session.message = session.message, ""
+    return _html(pages.pin_page(_frame(request, session), _ctx(request).config.kiosk.pin_digits, message))
+
+
+async def pin_entered(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    session = _session(request)
+    if session is None:
+        raise _to("/")
+    if not session.code:
+        raise _to("/code")
+    form = await request.post()
+    pin = str(form.get("pin", ""))[:16]
+    result: Lookup = await asyncio.to_thread(
+        look_up, session.code, pin, _client(request), ctx.guard, ctx.config.data_dir
+    )
+    del pin
+    metrics.LOOKUPS.labels(result.outcome).inc()
+    t = load_catalog(session.language)
+    if result.outcome == "ready":
+        session.ticket_id = result.ticket_id
+        raise _to("/report")
+    if result.outcome == "not_ready":
+        session.ticket_id, session.estimate_hours = None, result.estimate_hours
+        raise _to("/not-ready")
+    if result.outcome in ("wrong_pin", "unknown_code"):
+        text = t("wrong_pin")
+        if result.tries_left is not None:
+            text += " " + t("tries_left", count=result.tries_left)
+        session.message = text
+        raise _to("/pin")
+    if result.outcome == "throttled":
+        session.message = t("throttled", seconds=max(1, round(result.wait_s)))
+        raise _to("/pin")
+    if result.outcome == "bad_code":
+        session.message = t("code_invalid")
+        raise _to("/code")
+    if result.outcome == "locked":
+        session.message = t("locked", minutes=max(1, round(result.wait_s / 60)))
+    else:  # expired
+        session.message = t("expired")
+    session.code = ""
+    raise _to("/message")
+
+
+async def message_screen(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    if session is None or not session.message:
+        raise _to("/")
+    frame = _frame(request, session)
+    message, session.message = session.message, ""
+    return _html(pages.message_page(frame, "message", frame.t("ask_reception"), message))
+
+
+async def not_ready_screen(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    if session is None or session.estimate_hours is None:
+        raise _to("/")
+    return _html(pages.not_ready_page(_frame(request, session), session.estimate_hours))
+
+
+def _pdf_pages(path: Path | None) -> int:
+    if path is None:
+        return 0
+    try:
+        return len(PdfReader(io.BytesIO(path.read_bytes())).pages)
+    except Exception:  # a damaged file still gets printed (or fails there, audited)
+        return 1
+
+
+async def report_screen(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    session = _session(request)
+    if session is None or session.ticket_id is None:
+        raise _to("/")
+    report = await asyncio.to_thread(ticket_report, session.ticket_id, ctx.config.data_dir, ctx.guard)
+    if report is None:
+        raise _to("/reset")
+    pdf_pages = await asyncio.to_thread(_pdf_pages, report.report.pdf_path) if report.report.kind == "pdf" else 0
+    ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
+    return _html(pages.report_page(
+        _frame(request, session), report.patient_name, report.exam, readable_date(report.study_date),
+        report.report.text if report.report.kind == "sr" else "", pdf_pages, report.prints_left,
+        ctx.printer_state not in ("offline", "paper_out"),
+    ))
+
+
+async def print_pressed(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    session = _session(request)
+    if session is None or session.ticket_id is None:
+        raise _to("/")
+    k = ctx.config
+    outcome = await asyncio.to_thread(
+        print_ticket_report, session.ticket_id, _client(request), session.language, ctx.printer, ctx.guard,
+        k.data_dir, k.node.name, ctx.link,
+    )
+    t = load_catalog(session.language)
+    if outcome.outcome == "printed":
+        session.audit_id, session.job, session.study_uid = outcome.audit_id, outcome.job, outcome.study_uid
+        raise _to("/printing")
+    if outcome.outcome == "gone":
+        raise _to("/reset")
+    session.message = t("print_limit") if outcome.outcome == "limit_reached" else t("printer_problem")
+    raise _to("/message")
+
+
+async def printing_screen(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    session = _session(request)
+    if session is None or not session.job:
+        raise _to("/")
+    frame = _frame(request, session)
+    state = await asyncio.to_thread(ctx.printer.job_state, session.job)
+    if state == "pending":
+        return _html(pages.printing_page(frame), refresh=1)
+    if state == "held":
+        if session.audit_id is not None:
+            await asyncio.to_thread(finish_print, session.audit_id, "failed", session.job, "job held by the printer")
+            metrics.PRINTS.labels("failed").inc()
+            log.warning("kiosk: job %s held by the printer", session.job)
+        session.job = ""
+        ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
+        return _html(pages.message_page(frame, "printer-problem", frame.t("ask_reception"), frame.t("printer_problem")))
+    session.job = ""
+    return _html(pages.message_page(frame, "printed", frame.t("printed"), frame.t("printed"), "check", good=True))
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    payload = await asyncio.to_thread(generate_latest, REGISTRY)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ---------------------------------------------------------------------- app and service
+
+
+async def _watch_printer(app: web.Application) -> AsyncIterator[None]:
+    """Keep the printer gauge current even when nobody prints (ops see paper out early)."""
+    ctx = app[KIOSK]
+
+    async def loop() -> None:
+        last: PrinterState | None = None
+        while True:
+            try:
+                ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
+            except Exception:
+                log.exception("kiosk: printer check failed")
+            if ctx.printer_state != last:
+                log.info("kiosk: printer (%s) is %s", ctx.printer.name, ctx.printer_state)
+                last = ctx.printer_state
+            await asyncio.sleep(ctx.config.kiosk.printer_check_interval_s)
+
+    task = asyncio.create_task(loop(), name="kiosk-printer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def make_app(config: EdgeConfig, context: KioskContext | None = None) -> web.Application:
+    app = web.Application(middlewares=[private_pages], client_max_size=64 * 1024)
+    app[KIOSK] = context or make_context(config)
+    app.cleanup_ctx.append(_watch_printer)
+    app.router.add_get("/", start)
+    app.router.add_get("/reset", reset)
+    app.router.add_post("/language", choose_language)
+    app.router.add_get("/code", code_screen)
+    app.router.add_post("/code", code_entered)
+    app.router.add_get("/pin", pin_screen)
+    app.router.add_post("/pin", pin_entered)
+    app.router.add_get("/message", message_screen)
+    app.router.add_get("/not-ready", not_ready_screen)
+    app.router.add_get("/report", report_screen)
+    app.router.add_post("/print", print_pressed)
+    app.router.add_get("/printing", printing_screen)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_static("/static/", STATIC_DIR, show_index=False)
+    return app
+
+
+class KioskSetupError(Exception):
+    """The kiosk cannot start (token key unreadable); the message says why."""
+
+
+class KioskService:
+    """Runs the kiosk app on [kiosk] port; start()/stop() like every service."""
+
+    name = "kiosk"
+
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        from kiosk.viewer_token import KeyFileError
+
+        try:
+            context = await asyncio.to_thread(make_context, self.config)
+        except KeyFileError as exc:
+            raise KioskSetupError(str(exc)) from None
+        self._runner = web.AppRunner(make_app(self.config, context), access_log=None, shutdown_timeout=5.0)
+        await self._runner.setup()
+        k = self.config.kiosk
+        await web.TCPSite(self._runner, k.bind_address, k.port).start()
+        log.info("kiosk: listening on %s:%d, printing to %s", k.bind_address, k.port, context.printer.name)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            log.info("kiosk: stopped")

@@ -1,0 +1,96 @@
+"""``edge kiosk …``: the technician's side of the kiosk until the console has screens for it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge.config import EdgeConfig
+
+
+def _open_store(config: EdgeConfig) -> None:
+    from edge.store.db import open_database
+
+    open_database(config.data_dir)
+
+
+def cmd_allow_reprint(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from kiosk.tickets import allow_reprint
+
+    _open_store(config)
+    try:
+        extra = allow_reprint(args.code, by=args.by, count=args.count)
+    except LookupError as exc:
+        print(f"edge kiosk allow-reprint: {exc}", file=sys.stderr)
+        return 1
+    print(f"allowed: the patient can print {args.count} more time(s) ({extra} beyond the limit of "
+          f"{config.kiosk.print_limit} in all); the code is unlocked")
+    return 0
+
+
+def cmd_issue_ticket(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from kiosk.slip import render_slip
+    from kiosk.tickets import issue_ticket
+
+    _open_store(config)
+    try:
+        ticket = issue_ticket(args.accession, args.name, args.exam, pin_digits=config.kiosk.pin_digits,
+                              valid_days=config.kiosk.ticket_valid_days)
+    except ValueError as exc:
+        print(f"edge kiosk issue-ticket: {exc}", file=sys.stderr)
+        return 2
+    if args.slip:
+        pdf = render_slip(ticket.code, ticket.pin, config.node.name, config.kiosk.collect_at, ticket.expires_at,
+                          args.lang)
+        Path(args.slip).write_bytes(pdf)
+    print(json.dumps({"code": ticket.code, "pin": ticket.pin, "expires_at": ticket.expires_at.isoformat() + "Z"})
+          if args.json else f"code {ticket.code}  PIN {ticket.pin}" + (f"  slip {args.slip}" if args.slip else ""))
+    return 0
+
+
+def cmd_audit(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from kiosk.tables import KioskAudit
+    from kiosk.tickets import normalise_code
+
+    _open_store(config)
+    query = KioskAudit.select().order_by(KioskAudit.at.desc(), KioskAudit.id.desc()).limit(args.limit)
+    if args.code:
+        query = query.where(KioskAudit.code == (normalise_code(args.code) or args.code))
+    rows: list[dict[str, Any]] = [
+        {"at": r.at.replace(microsecond=0).isoformat() + "Z", "action": r.action, "outcome": r.outcome,
+         "code": r.code, "client": r.client, "job": r.job, "detail": r.detail}
+        for r in query
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['at']}  {r['action']:15}  {r['outcome']:19}  {r['code'] or '-':10}  {r['client'] or '-':15}  "
+              f"{r['job']} {r['detail']}".rstrip())
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    kiosk = sub.add_parser("kiosk", help="patient kiosk: reprints, slips, audit log")
+    ksub = kiosk.add_subparsers(dest="kiosk_command", required=True, metavar="KIOSK_COMMAND")
+    reprint = ksub.add_parser("allow-reprint", help="let a patient print their report again (and unlock the code)")
+    reprint.add_argument("code", help="the slip code (10 digits under the barcode)")
+    reprint.add_argument("--count", type=int, default=1, choices=range(1, 11), metavar="N", help="extra prints (1-10)")
+    reprint.add_argument("--by", default="technician", help="who allowed it, for the audit log")
+    reprint.set_defaults(func=cmd_allow_reprint)
+    issue = ksub.add_parser("issue-ticket", help="make a slip code + PIN for a visit (the console does this at registration)")
+    issue.add_argument("--accession", required=True, help="the visit's accession number, as the X-ray will carry it")
+    issue.add_argument("--name", required=True, help="the patient's name, printed on the report")
+    issue.add_argument("--exam", default="", help="the exam, e.g. 'Chest X-ray'")
+    issue.add_argument("--slip", help="write the slip PDF here")
+    issue.add_argument("--lang", default="en", choices=("en", "zu", "xh", "af", "st"), help="slip language")
+    issue.add_argument("--json", action="store_true", help="machine-readable output")
+    issue.set_defaults(func=cmd_issue_ticket)
+    audit = ksub.add_parser("audit", help="the kiosk's audit log: lookups and prints (never PINs)")
+    audit.add_argument("--code", help="one slip's entries")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.set_defaults(func=cmd_audit)

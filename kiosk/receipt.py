@@ -1,0 +1,47 @@
+"""The report as an 80 mm ESC/POS receipt (python-escpos), with the printer's own QR command."""
+
+from __future__ import annotations
+
+import textwrap
+
+from escpos.printer import Dummy
+
+from kiosk.i18n import Catalog
+from kiosk.report_pdf import ReportPage, readable_date
+
+COLUMNS = 48  # font A on 80 mm paper (72 mm printable at 203 dpi)
+
+
+def render_receipt(page: ReportPage, t: Catalog) -> bytes:
+    """The ESC/POS byte stream for one receipt; the caller sends it to the device."""
+    p = Dummy()
+    p.set(align="center", bold=True, double_height=True, double_width=True)
+    p.text(_wrap(page.clinic_name, COLUMNS // 2) + "\n")
+    p.set(align="center", bold=True, normal_textsize=True)
+    p.text(_wrap(t("welcome"), COLUMNS) + "\n\n")
+    p.set(align="left", bold=False, normal_textsize=True)
+    for label, value in ((t("patient"), page.patient_name), (t("exam"), page.exam or "-"),
+                         (t("date"), readable_date(page.study_date))):
+        p.text(_wrap(f"{label}: {value}", COLUMNS) + "\n")
+    p.text("-" * COLUMNS + "\n")
+    p.set(bold=True)
+    p.text(t("report_heading") + "\n")
+    p.set(bold=False)
+    if page.report.kind == "sr" and page.report.text.strip():
+        for line in page.report.text.splitlines():
+            indent = " " * (len(line) - len(line.lstrip(" ")))
+            p.text((textwrap.fill(line.strip(), COLUMNS, initial_indent=indent, subsequent_indent=indent) or "") + "\n")
+    else:
+        p.text(_wrap(t("receipt_pdf_note"), COLUMNS) + "\n")
+    p.text("\n")
+    p.set(align="center")
+    p.qr(page.viewer_url, native=True, size=6, ec=1)  # ec=1: level M, as on the A4 page
+    p.text(_wrap(t("qr_caption"), COLUMNS) + "\n")
+    p.text(_wrap(t("qr_expires", date=page.link_expires.isoformat()), COLUMNS) + "\n\n")
+    p.set(align="left")
+    p.cut()
+    return bytes(p.output)
+
+
+def _wrap(text: str, width: int) -> str:
+    return textwrap.fill(text, width) if text else ""
