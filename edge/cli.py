@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from edge import __version__
-from edge.config import CONFIG_ENV, ConfigError, EdgeConfig, load_config
+from edge.config import CONFIG_ENV, ConfigError, EdgeConfig, load_config, resolve_config_path
 from edge.node import SERVICE_NAMES, StartupError, run_services
 
 log = logging.getLogger("edge")
@@ -21,6 +21,7 @@ def _setup_logging(config: EdgeConfig) -> None:
         level=config.logging.level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # a library may have called basicConfig at import (python-escpos does)
     )
 
 
@@ -107,11 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("study", nargs="*", help="Study Instance UIDs (see edge studies)")
     retry.add_argument("--all", action="store_true", help="every quarantined instance")
     retry.set_defaults(func=cmd_retry)
+    from edge.ops.commands import add_commands
+
+    add_commands(sub)  # doctor, provision, discover, decommission
+    from firmware_bridge.cli import add_commands as add_ecg_commands
+
+    add_ecg_commands(sub)  # ecg-sim, ecg-arm, ecg-firmware
+    from kiosk.cli import add_commands as add_kiosk_commands
+
+    add_kiosk_commands(sub)  # kiosk allow-reprint, issue-ticket, audit
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "config_path_only", False):  # edge provision: writes the file, need not load it
+        return int(args.func(resolve_config_path(args.config), args))
     try:
         config = load_config(args.config)
     except ConfigError as exc:

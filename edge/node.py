@@ -16,6 +16,8 @@ from edge.ops.service import OpsService, OpsSetupError
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
 from edge.store.spool import Spool
+from firmware_bridge.service import BridgeService
+from kiosk.app import KioskService, KioskSetupError
 from sync.retention import enforce_retention
 from sync.service import SyncService, SyncSetupError
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # Start order; stop is the reverse. `edge run` starts all of them.
 # "ops" (heartbeat, zeroconf) goes last: it announces only what already listens.
-SERVICE_NAMES: tuple[str, ...] = ("dicom", "sync", "console", "ops")
+SERVICE_NAMES: tuple[str, ...] = ("dicom", "sync", "bridge", "kiosk", "console", "ops")
 
 
 class Service(Protocol):
@@ -62,6 +64,10 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
                 config, spool, on_kept=on_kept,
                 make_room=lambda: enforce_retention(spool, storage.retention_days, storage.high_water_free_mb),
             ))
+        elif name == "bridge":  # ECG boxes; idles when no port is configured or plugged in
+            services.append(BridgeService(config, spool, on_kept=(lambda kept: sync.wake()) if sync is not None else None))
+        elif name == "kiosk":
+            services.append(KioskService(config))
         elif name == "console":
             services.append(ConsoleService(config, services=tuple(n for n in names if n != "console")))
         elif name == "ops":
@@ -87,7 +93,7 @@ async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.E
                 await service.start()
             except OSError as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc.strerror or exc}") from None
-            except (SyncSetupError, OpsSetupError) as exc:
+            except (SyncSetupError, OpsSetupError, KioskSetupError) as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc}") from None
             started.append(service)
         log.info("node %s up: %s", config.node.id, ", ".join(s.name for s in started))

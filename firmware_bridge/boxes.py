@@ -18,19 +18,26 @@ def lead_off_names(mask: int) -> str:
     return ",".join(name for bit, name in enumerate(ELECTRODES) if mask & (1 << bit))
 
 
+# The bridge refreshes a connected box's row at least every 10 s (its STATUS); older than
+# this, the bridge itself is gone and "connected" is stale.
+CONNECTED_FRESH_S = 30.0
+
+
 def box_summaries() -> list[dict[str, Any]]:
     """Every box seen, for ``edge status``: id, firmware, battery, lead-off, last seen."""
     rows = []
+    fresh_after = utcnow() - dt.timedelta(seconds=CONNECTED_FRESH_S)
     for box in Box.select().order_by(Box.box_id):
+        connected = bool(box.connected) and box.last_seen is not None and box.last_seen >= fresh_after
         rows.append({
             "box_id": box.box_id,
             "model": box.model,
             "firmware": box.fw_version,
             "port": box.port,
-            "connected": bool(box.connected),
+            "connected": connected,
             "battery_pct": box.battery_pct,
-            "lead_off": [e for e in box.lead_off.split(",") if e],
-            "recording": bool(box.recording),
+            "lead_off": [e for e in box.lead_off.split(",") if e] if connected else [],
+            "recording": bool(box.recording) and connected,
             "last_seen": box.last_seen.isoformat(timespec="seconds") + "Z" if box.last_seen else None,
             "armed": Arming.select().where(Arming.box_id == box.box_id).exists(),
         })
@@ -54,6 +61,12 @@ def note_status(box_id: str, status: Status, recording: bool) -> None:
             battery_pct=status.battery_pct, lead_off=lead_off_names(status.lead_off),
             recording=recording, connected=True, last_seen=utcnow(),
         ).where(Box.box_id == box_id).execute()
+
+
+def forget_connections() -> None:
+    """At bridge start: no box is connected until it says HELLO again."""
+    with write_transaction():
+        Box.update(connected=False, recording=False).execute()
 
 
 def note_disconnected(box_id: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from firmware_bridge.boxes import ArmedOrder
 from firmware_bridge.const import SCPECG_LEADS, TWELVE_LEAD_ECG_SOP_CLASS, TWELVE_LEADS
@@ -40,9 +40,11 @@ def twelve_leads(acquired: np.ndarray, leads: tuple[str, ...]) -> np.ndarray:
     out = np.empty((len(acquired), len(TWELVE_LEADS)), dtype=np.int16)
     gap = (acquired[:, leads.index("I")] == PADDING) | (acquired[:, leads.index("II")] == PADDING)
     for j, name in enumerate(TWELVE_LEADS):
+        if name in leads:  # as the box sent it, padding included
+            out[:, j] = acquired[:, leads.index(name)]
+            continue
         values = np.clip(np.rint(col[name]), -32767, 32767).astype(np.int16)
-        if name in ("III", "aVR", "aVL", "aVF"):
-            values[gap] = PADDING
+        values[gap] = PADDING
         out[:, j] = values
     return out
 
@@ -95,12 +97,12 @@ def build_ecg(ctx: EcgContext, acquired: np.ndarray) -> Dataset:
     """The 12-lead ECG dataset for one recording of ``acquired`` (n, k) samples in LSB."""
     hello = ctx.hello
     samples = twelve_leads(acquired, hello.leads)
-    sop_uid = stable_uid("ecg", hello.box_id, ctx.rec_id)
+    sop_uid = UID(stable_uid("ecg", hello.box_id, ctx.rec_id))
     when = ctx.acquired_at
     now = dt.datetime.now()
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = TWELVE_LEAD_ECG_SOP_CLASS
+    meta.MediaStorageSOPClassUID = UID(TWELVE_LEAD_ECG_SOP_CLASS)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from cobs import cobs
 
-from firmware_bridge.const import ACQUIRED_LEADS, MAX_FRAME, PROTOCOL_MINOR, PROTOCOL_VERSION, Msg
+from firmware_bridge.const import (
+    ACQUIRED_LEADS,
+    MAX_FRAME,
+    PROTOCOL_MINOR,
+    PROTOCOL_VERSION,
+    Msg,
+)
 
 _HEADER = struct.Struct("<BBH")  # version, type, sequence
 CRC_INIT = 0xFFFF  # CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF; check("123456789") = 0x29B1
@@ -37,9 +43,13 @@ def crc16(data: bytes) -> int:
 
 
 def encode_frame(msg_type: int, seq: int, payload: bytes, version: int = PROTOCOL_VERSION) -> bytes:
-    """One frame on the wire: COBS(header + payload + CRC) and the 0x00 delimiter."""
+    """One frame on the wire: 0x00, COBS(header + payload + CRC), 0x00.
+
+    The leading delimiter costs a byte and makes noise on the idle line between frames a
+    run of its own, discarded, instead of the start of the next frame.
+    """
     body = _HEADER.pack(version, msg_type, seq & 0xFFFF) + payload
-    return cobs.encode(body + struct.pack("<H", crc16(body))) + b"\x00"
+    return b"\x00" + cobs.encode(body + struct.pack("<H", crc16(body))) + b"\x00"
 
 
 @dataclass

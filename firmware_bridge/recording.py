@@ -35,10 +35,7 @@ class Recording:
             n = max(end - block.first, 0)
             if n == 0:
                 return
-        if end > len(self._data):
-            grow = max(end, 2 * len(self._data))
-            self._data = np.concatenate([self._data, np.full((grow - len(self._data), leads), PADDING, np.int16)])
-            self._have = np.concatenate([self._have, np.zeros(grow - len(self._have), bool)])
+        self._grow(end)
         # -32768 is reserved for "missing": a saturated sample reads as -32767.
         self._data[block.first:end] = np.maximum(block.data[:n], -32767)
         self._have[block.first:end] = True
@@ -46,12 +43,15 @@ class Recording:
     def finish(self, total: int) -> tuple[np.ndarray, int]:
         """The (total, leads) samples the box says it sent, and how many of them are missing."""
         total = min(total, MAX_SAMPLES)
-        if total > len(self._data):
-            self.add(Samples(self.rec_id, total - 1, np.full((1, self._data.shape[1]), PADDING, np.int16)))
-            self._have[total - 1] = False
-            self._data[total - 1] = PADDING
+        self._grow(total)
         missing = int(total - np.count_nonzero(self._have[:total]))
         return self._data[:total].copy(), missing
+
+    def _grow(self, end: int) -> None:
+        if end > len(self._data):
+            more = max(end, 2 * len(self._data)) - len(self._data)
+            self._data = np.concatenate([self._data, np.full((more, self._data.shape[1]), PADDING, np.int16)])
+            self._have = np.concatenate([self._have, np.zeros(more, bool)])
 
     @property
     def received(self) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from edge.config import EdgeConfig
 from edge.store.spool import KeptInstance, Spool
+from firmware_bridge.boxes import forget_connections
 from firmware_bridge.session import BoxSession
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class BridgeService:
         if not self.settings.enabled:
             log.info("bridge: switched off ([bridge] enabled = false)")
             return
+        await asyncio.to_thread(forget_connections)
         self._scan()
         self._scanner = asyncio.create_task(self._rescan(), name="bridge-scan")
         log.info("bridge: watching %d port(s)%s", len(self._tasks),
@@ -42,7 +44,10 @@ class BridgeService:
         tasks = [t for t in (self._scanner, *self._tasks.values()) if t is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            for task in stuck:
+                log.warning("bridge: %s did not stop within 5 s", task.get_name())
         self._tasks.clear()
         self._scanner = None
 

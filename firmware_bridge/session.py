@@ -21,8 +21,21 @@ from firmware_bridge.config import BridgeSection
 from firmware_bridge.const import PROTOCOL_VERSION, Msg, Nak
 from firmware_bridge.ecg_dicom import EcgContext, build_ecg, write_ecg
 from firmware_bridge.protocol import (
-    Ack, Frame, FrameDecoder, Hello, NakMsg, ProtocolError, RecEnd, RecStart, Samples, SeqCounter, Status,
-    encode_frame, host_hello, parse, seq_gap,
+    Ack,
+    Frame,
+    FrameDecoder,
+    Hello,
+    NakMsg,
+    ProtocolError,
+    RecEnd,
+    RecStart,
+    Samples,
+    SeqCounter,
+    Status,
+    encode_frame,
+    host_hello,
+    parse,
+    seq_gap,
 )
 from firmware_bridge.recording import Recording
 
@@ -76,6 +89,7 @@ class BoxSession:
         self._rec_started: dt.datetime | None = None
         self._status_written: tuple[float, tuple[int, int, bool]] | None = None
         self._version_warned = False
+        self._lead_off = 0
 
     async def run(self) -> None:
         """Open, talk, and on any loss of the port wait (backing off) and open again."""
@@ -116,8 +130,9 @@ class BoxSession:
         self._last_seq = None
         self._send(Msg.HOST_HELLO, host_hello())
         while True:
-            try:
-                data = await asyncio.wait_for(reader.read(4096), self.settings.silence_s)
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                async with asyncio.timeout(self.settings.silence_s):
+                    data = await reader.read(4096)
             except TimeoutError:
                 await self._silent()
                 continue
@@ -194,6 +209,7 @@ class BoxSession:
 
     async def _on_status(self, status: Status) -> None:
         assert self.hello is not None
+        self._lead_off = status.lead_off
         recording = self._recording is not None
         if recording:
             self._recording.lead_off_mask |= status.lead_off  # type: ignore[union-attr]
@@ -201,9 +217,9 @@ class BoxSession:
         now = time.monotonic()
         if self._status_written and self._status_written[1] == key and now - self._status_written[0] < STATUS_WRITE_EVERY_S:
             return
-        if not self._status_written or self._status_written[1][1] != status.lead_off:
-            if status.lead_off:
-                log.info("bridge: box %s lead-off: %s", self.hello.box_id, boxes.lead_off_names(status.lead_off))
+        lead_off_changed = not self._status_written or self._status_written[1][1] != status.lead_off
+        if lead_off_changed and status.lead_off:
+            log.info("bridge: box %s lead-off: %s", self.hello.box_id, boxes.lead_off_names(status.lead_off))
         self._status_written = (now, key)
         await asyncio.to_thread(boxes.note_status, self.hello.box_id, status, recording)
 
@@ -212,6 +228,7 @@ class BoxSession:
         if self._recording is not None:
             await self._interrupt("a new recording started before the last one ended")
         self._recording = Recording(self.hello, start.rec_id, start.expected)
+        self._recording.lead_off_mask = self._lead_off  # as the last STATUS said
         self._rec_started = dt.datetime.now()
         await asyncio.to_thread(boxes.recording_started, self.hello.box_id, start.rec_id)
         log.info("bridge: box %s recording %d started (%d samples expected)", self.hello.box_id, start.rec_id, start.expected)
@@ -231,8 +248,8 @@ class BoxSession:
         assert self.hello is not None
         rec = self._recording
         if rec is None or rec.rec_id != end.rec_id:
-            kept = await asyncio.to_thread(_already_kept, self.hello.box_id, end.rec_id)
-            if kept:  # our ACK was lost: say it again
+            known = await asyncio.to_thread(_already_kept, self.hello.box_id, end.rec_id)
+            if known:  # our ACK was lost: say it again
                 self._send(Msg.ACK, Ack(frame.type, frame.seq, end.rec_id).pack())
             else:  # we missed its start: the box offers the whole recording again
                 self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.BAD_STATE, end.rec_id).pack())

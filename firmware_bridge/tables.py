@@ -6,7 +6,14 @@ lives here rather than in the bridge's memory.
 
 from __future__ import annotations
 
-from peewee import BooleanField, CharField, DateTimeField, IntegerField, SqliteDatabase, TextField
+from peewee import (
+    BooleanField,
+    CharField,
+    DateTimeField,
+    IntegerField,
+    SqliteDatabase,
+    TextField,
+)
 
 from edge.store.models import StoreModel, utcnow
 

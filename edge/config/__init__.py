@@ -22,6 +22,7 @@ from edge.config.sections import (
     StorageSection,
 )
 from edge.ops.config import OpsSection
+from firmware_bridge.config import BridgeSection
 from kiosk.config import KioskSection
 from sync.config import CloudSection, ReportsSection, SyncSection
 
@@ -46,6 +47,7 @@ class EdgeConfig(BaseModel):
     reports: ReportsSection = Field(default_factory=ReportsSection)
     console: ConsoleSection = Field(default_factory=ConsoleSection)
     kiosk: KioskSection = Field(default_factory=KioskSection)
+    bridge: BridgeSection = Field(default_factory=BridgeSection)
     ops: OpsSection = Field(default_factory=OpsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 

@@ -83,7 +83,7 @@ def check_encryption(config: EdgeConfig) -> Item:
 
 def _run(*argv: str, timeout: float = 5.0) -> str | None:
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout if result.returncode == 0 else None
@@ -163,41 +163,51 @@ async def check_cloud(config: EdgeConfig) -> Item:
 
 
 def check_boxes(config: EdgeConfig) -> Item:
-    """Serial ECG boxes: every configured port present (skipped until the bridge has a section)."""
+    """Serial ECG boxes: every port listed in [bridge] present; skipped where the clinic has none."""
     bridge = getattr(config, "bridge", None)
-    if bridge is None:
-        return Item("boxes", "skip", "no [bridge] section: ECG boxes not set up on this node")
-    ports = [str(p) for p in getattr(bridge, "ports", None) or ([getattr(bridge, "port")] if getattr(bridge, "port", "") else [])]
-    if not ports:
-        return Item("boxes", "skip", "no serial ports configured in [bridge]")
-    missing = [p for p in ports if not Path(p).exists()]
+    if bridge is None or not getattr(bridge, "enabled", True):
+        return Item("boxes", "skip", "ECG bridge not enabled on this node")
+    import glob
+
+    listed = [str(p) for p in getattr(bridge, "ports", [])]
+    pattern = str(getattr(bridge, "port_glob", "") or "")
+    plugged = sorted(glob.glob(pattern)) if pattern else []
+    if not listed and not plugged:
+        return Item("boxes", "skip", f"no ECG box configured or plugged in ([bridge] ports empty, nothing at {pattern or '-'})")
+    missing = [p for p in listed if not Path(p).exists()]
     if missing:
         return Item("boxes", "fail", f"serial port(s) missing: {', '.join(missing)}",
-                    "plug the ECG box's USB cable in; check `ls /dev/serial/by-id/` and the [bridge] ports")
-    return Item("boxes", "pass", f"serial port(s) present: {', '.join(ports)}")
+                    "plug the ECG box's USB cable in (and switch it on); check `ls /dev/serial/by-id/` against [bridge] ports")
+    present = sorted(set(listed) | set(plugged))
+    return Item("boxes", "pass", f"serial port(s) present: {', '.join(present)}")
 
 
-def check_printer_queue(queue: str) -> Item:
-    """A CUPS queue that exists, is enabled and accepts jobs."""
-    if shutil.which("lpstat") is None:
-        return Item("printer", "fail", f"cannot check queue {queue!r}: CUPS client (lpstat) not installed",
-                    "install cups (apt-get install cups) and add the printer: lpadmin -p … -E")
-    out = _run("lpstat", "-p", queue) or ""
-    accepting = _run("lpstat", "-a", queue) or ""
-    if not out:
-        return Item("printer", "fail", f"no CUPS queue named {queue!r}",
-                    f"add it (lpadmin -p {queue} -E -v … -m everywhere) or fix the kiosk's printer key; see lpstat -p")
-    if "disabled" in out or "not accepting" in accepting or not accepting:
-        return Item("printer", "fail", f"queue {queue!r} is disabled or not accepting jobs",
-                    f"check paper and cable, then: cupsenable {queue} && cupsaccept {queue}")
-    return Item("printer", "pass", f"queue {queue!r} ready")
+_PRINTER_HINTS = {
+    "offline": {
+        "cups": "check the printer is on and cabled, then `lpstat -p {queue}`; cupsenable {queue} if disabled; "
+                "the queue must exist (lpadmin -p {queue} -E -v … -m everywhere)",
+        "escpos": "plug the receipt printer's USB cable in and switch it on ({device} must exist)",
+    },
+    "paper_out": {"cups": "load paper", "escpos": "load a new paper roll"},
+}
 
 
-def check_printer(config: EdgeConfig) -> Item:
-    queue = getattr(config.kiosk, "printer", "")
-    if not queue:
-        return Item("printer", "skip", "no kiosk printer configured on this node")
-    return check_printer_queue(str(queue))
+def check_printer(config: EdgeConfig, require_kiosk: bool = True) -> Item:
+    """The kiosk's own printer backend says whether it can print now (CUPS queue or ESC/POS device)."""
+    k = config.kiosk
+    if require_kiosk and not port_listening(k.bind_address, k.port):
+        return Item("printer", "skip", "kiosk not running on this node: printer not checked")
+    from kiosk.app import make_printer
+
+    where = f"CUPS queue {k.cups_queue!r}" if k.printer == "cups" else f"ESC/POS printer at {k.escpos_device}"
+    state = make_printer(config).state()
+    if state == "ok":
+        return Item("printer", "pass", f"{where} ready")
+    if state == "job_failed":
+        return Item("printer", "warn", f"{where}: the last print job failed", "check the printer, then print a test page")
+    hint = _PRINTER_HINTS.get(state, {}).get(k.printer, "check the printer")
+    return Item("printer", "fail", f"{where}: {state.replace('_', ' ')}",
+                hint.format(queue=k.cups_queue, device=k.escpos_device))
 
 
 def check_services(config: EdgeConfig) -> Item:
@@ -257,7 +267,7 @@ async def run_doctor(config: EdgeConfig, config_path: str) -> list[Item]:
     ]
     for acheck in async_checks:
         items.append(await acheck())
-    items += [check_boxes(config), check_printer(config)]
+    items += [check_boxes(config), await asyncio.to_thread(check_printer, config)]
     return items
 
 

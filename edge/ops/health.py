@@ -11,7 +11,12 @@ from peewee import DatabaseError
 
 from edge.config import EdgeConfig
 from edge.store.db import database
-from edge.store.queries import count_missing_files, largest_instance_bytes, latest_outbox_error, outbox_summary
+from edge.store.queries import (
+    count_missing_files,
+    largest_instance_bytes,
+    latest_outbox_error,
+    outbox_summary,
+)
 
 
 @dataclass(frozen=True)

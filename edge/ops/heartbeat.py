@@ -18,7 +18,12 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway, write_to_textfile
+from prometheus_client import (
+    CollectorRegistry,
+    delete_from_gateway,
+    push_to_gateway,
+    write_to_textfile,
+)
 
 from edge.config import EdgeConfig
 from edge.ops.metrics import fleet_registry
@@ -139,7 +144,7 @@ class Heartbeat:
             try:
                 await asyncio.to_thread(write_textfile, self.textfile, self.registry)
                 self._report("_textfile_ok", True, "textfile: writing %s", self.textfile)
-            except Exception as exc:  # a bad folder must not stop the heartbeat
+            except Exception as exc:  # noqa: BLE001 - a bad folder must not stop the heartbeat
                 self._report("_textfile_ok", False, "textfile: cannot write %s: %s", self.textfile, exc)
         if self.handler is not None:
             url = self.config.ops.pushgateway_url
@@ -152,7 +157,7 @@ class Heartbeat:
                 self._report("_push_ok", True, "heartbeat: pushing to %s as node_id=%s", url, self.config.node.id)
             except (OSError, TimeoutError) as exc:
                 self._report("_push_ok", False, "heartbeat: push to %s failed (%s); next one carries the latest state", url, exc)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a heartbeat bug must not stop the node
                 self._report("_push_ok", False, "heartbeat: push to %s failed: %r", url, exc)
 
     def _report(self, attr: str, ok: bool, message: str, *args: object) -> None:

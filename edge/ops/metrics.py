@@ -45,7 +45,11 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
         from edge import __version__
         from edge.ops.health import disk_free_bytes
-        from edge.store.queries import count_instances, count_missing_files, outbox_summary
+        from edge.store.queries import (
+            count_instances,
+            count_missing_files,
+            outbox_summary,
+        )
 
         yield InfoMetricFamily("edge_node", "Node identity", value={"node_id": self.config.node.id, "version": __version__})
         studies, instances, size = count_instances()
@@ -80,7 +84,7 @@ def _timestamp(iso_utc: str | None) -> float:
 
     if not iso_utc:
         return 0.0
-    return dt.datetime.fromisoformat(iso_utc.replace("Z", "+00:00")).timestamp()
+    return dt.datetime.fromisoformat(iso_utc).timestamp()  # "…Z" is UTC
 
 
 class HealthCollector(Collector):

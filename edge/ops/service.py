@@ -71,7 +71,7 @@ class OpsService:
         if self.announcer is not None:
             try:
                 await self.announcer.stop()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - stopping must finish; the records expire by TTL
                 log.warning("zeroconf: could not withdraw cleanly: %s", exc)
             self.announcer = None
         log.info("ops: stopped")

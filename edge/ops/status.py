@@ -6,7 +6,13 @@ from typing import Any
 
 from edge.config import EdgeConfig
 from edge.ops.health import check_disk, disk_free_bytes, port_listening
-from edge.store.queries import count_instances, count_missing_files, latest_outbox_error, outbox_summary
+from edge.store.queries import (
+    count_instances,
+    count_missing_files,
+    latest_outbox_error,
+    outbox_summary,
+)
+from firmware_bridge.boxes import box_summaries
 
 
 def node_status(config: EdgeConfig) -> dict[str, Any]:
@@ -41,6 +47,7 @@ def node_status(config: EdgeConfig) -> dict[str, Any]:
             "min_free_mb": config.storage.min_free_mb,
             "ok": disk.ok,
         },
+        "boxes": box_summaries(),  # ECG boxes the bridge has seen
     }
 
 
@@ -62,4 +69,11 @@ def format_status(status: dict[str, Any]) -> str:
     if store["files_missing"]:
         lines.append(f"PROBLEM   {store['files_missing']} instance file(s) missing from the spool (see event log)")
     lines.append(f"disk      {disk['free_mb']} MB free (minimum {disk['min_free_mb']} MB)" + ("" if disk["ok"] else "  PROBLEM: disk full, C-STORE refused"))
+    for box in status.get("boxes", []):
+        lines.append(
+            f"ecg box   {box['box_id']}: firmware {box['firmware'] or '?'}, "
+            f"battery {'?' if box['battery_pct'] is None else str(box['battery_pct']) + '%'}, "
+            + ("connected" if box["connected"] else f"not connected (last seen {box['last_seen']})")
+            + (f", LEAD OFF {','.join(box['lead_off'])}" if box["lead_off"] and box["connected"] else "")
+        )
     return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""The fleet commands of ``edge``: doctor, provision, discover, decommission.
+
+Kept here so the ops package owns its own command-line surface; ``edge.cli`` only adds
+them to its parser with :func:`add_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from edge.config import EdgeConfig, resolve_config_path
+
+
+def cmd_doctor(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from edge.ops.doctor import format_items, run_doctor
+
+    items = asyncio.run(run_doctor(config, str(resolve_config_path(args.config))))
+    print(json.dumps([i.as_json() for i in items], indent=2) if args.json else format_items(items))
+    return 1 if any(i.verdict == "fail" for i in items) else 0
+
+
+def cmd_discover(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from edge.ops.discovery import discover
+
+    try:
+        found = asyncio.run(discover(config.ops.zeroconf_interfaces, timeout_s=args.timeout))
+    except (OSError, ValueError) as exc:
+        print(f"edge discover: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([f.as_json() for f in found], indent=2))
+        return 0
+    if not found:
+        print(f"nothing found on the LAN in {args.timeout:.0f}s (_dicom._tcp, _http._tcp)")
+        return 0
+    for f in found:
+        kind = "DICOM" if f.type.startswith("_dicom.") else "HTTP"
+        extra = f"aet={f.properties.get('aet', '?')}" if kind == "DICOM" else f"path={f.properties.get('path', '/')}"
+        print(f"{kind:5}  {','.join(f.addresses) or '-'}:{f.port:<5}  {extra:20}  {f.name}")
+    return 0
+
+
+def cmd_decommission(config: EdgeConfig, args: argparse.Namespace) -> int:
+    """Take the node out of central monitoring: delete its Pushgateway group and its textfile."""
+    from edge.ops.heartbeat import HeartbeatSetupError, delete_group, textfile_path
+
+    status = 0
+    if config.ops.pushgateway_url:
+        try:
+            delete_group(config)
+            print(f"deleted node_id={config.node.id} from {config.ops.pushgateway_url}")
+        except (HeartbeatSetupError, OSError) as exc:
+            print(f"edge decommission: cannot delete the group: {exc}", file=sys.stderr)
+            status = 1
+    else:
+        print("no [ops] pushgateway_url: nothing to delete centrally")
+    path = textfile_path(config)
+    if path is not None and path.exists():
+        path.unlink()
+        print(f"removed {path}")
+    if status == 0:
+        print("stop the node now (systemctl disable --now edge.target), or its next heartbeat recreates the group")
+    return status
+
+
+def _secret(value: str | None) -> str | None:
+    """``-`` reads the value from stdin, so a token need not sit in the shell history."""
+    if value == "-":
+        return sys.stdin.readline().strip()
+    return value
+
+
+def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
+    from edge.ops.provision import (
+        ProvisionError,
+        Provisioning,
+        apply,
+        read_provision_file,
+        write_boot_file,
+        write_disk_key,
+    )
+
+    try:
+        prov = read_provision_file(Path(args.from_file)) if args.from_file else Provisioning()
+        prov.set("node", "id", args.node_id)
+        prov.set("node", "name", args.name)
+        prov.set("dicom", "ae_title", args.ae_title)
+        prov.set("dicom", "modality_ae", args.modality_ae)
+        prov.set("dicom", "modality_host", args.modality_host)
+        prov.set("dicom", "modality_port", args.modality_port)
+        prov.set("cloud", "dicomweb_url", args.cloud_url)
+        prov.set("ops", "pushgateway_url", args.pushgateway_url)
+        token = _secret(args.token)
+        if token:
+            prov.secrets["secrets"] = {"token": token}
+        push_token = _secret(args.pushgateway_token)
+        if push_token:
+            prov.secrets["pushgateway_secrets"] = {"token": push_token}
+        if not prov.settings and not prov.secrets and prov.disk_key is None:
+            print("edge provision: nothing to write (give --node-id, --cloud-url, --token … or --from-file)", file=sys.stderr)
+            return 2
+        if args.disk_key_out:  # first boot, before the data partition (and so edge.toml) exists
+            if prov.disk_key is None:
+                print("edge provision: the provisioning file has no [disk] luks_key", file=sys.stderr)
+                return 2
+            write_disk_key(Path(args.disk_key_out), prov.disk_key)
+            print(f"wrote the data partition key to {args.disk_key_out}")
+            return 0
+        if args.image_boot:
+            target = write_boot_file(Path(args.image_boot), prov)
+            print(f"wrote {target}: applied and deleted on the node's first boot")
+            return 0
+        changed = apply(config_path, prov)
+    except ProvisionError as exc:
+        print(f"edge provision: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"edge provision: cannot write: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(f"set {c}" for c in changed) if changed else "already provisioned: nothing changed")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add doctor, provision, discover and decommission to ``edge``'s sub-commands."""
+    doctor = sub.add_parser("doctor", help="field self-check: a pass/fail line per item, with a fix")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+
+    discover = sub.add_parser("discover", help="list DICOM and HTTP services announced on the LAN (zeroconf)")
+    discover.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default 3)")
+    discover.add_argument("--json", action="store_true", help="machine-readable output")
+    discover.set_defaults(func=cmd_discover)
+
+    decommission = sub.add_parser("decommission", help="remove this node from central monitoring (Pushgateway group)")
+    decommission.set_defaults(func=cmd_decommission)
+
+    prov = sub.add_parser("provision", help="write node identity and cloud credentials onto this node or an image")
+    prov.add_argument("--node-id", help="[node] id, e.g. clinic-0042")
+    prov.add_argument("--name", help="[node] name: the clinic's name")
+    prov.add_argument("--ae-title", help="[dicom] ae_title: this node's AE title")
+    prov.add_argument("--modality-ae", help="[dicom] modality_ae: the DR's AE title")
+    prov.add_argument("--modality-host", help="[dicom] modality_host: the DR's address")
+    prov.add_argument("--modality-port", type=int, help="[dicom] modality_port: the DR's DICOM port")
+    prov.add_argument("--cloud-url", help="[cloud] dicomweb_url")
+    prov.add_argument("--token", help="cloud bearer token, into [cloud] secrets_file (mode 600); - reads stdin")
+    prov.add_argument("--pushgateway-url", help="[ops] pushgateway_url")
+    prov.add_argument("--pushgateway-token", help="Pushgateway bearer token, into [ops] pushgateway_secrets_file; - reads stdin")
+    prov.add_argument("--from-file", help="a provisioning file (edge-provision.toml) to apply")
+    prov.add_argument("--disk-key-out", help="only write the file's [disk] luks_key here (mode 600): first boot's step before the data partition exists")
+    prov.add_argument("--image-boot", metavar="DIR", help="write edge-provision.toml into an image's boot partition instead")
+    prov.set_defaults(func=cmd_provision, config_path_only=True)

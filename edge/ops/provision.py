@@ -1,0 +1,167 @@
+"""``edge provision``: write a node's identity and credentials onto the node, or onto an image.
+
+Settings go into edge.toml in place (tomlkit keeps every comment), are validated with
+the node's own schema before anything is written, and land by temp file + rename, so a
+power cut during provisioning leaves the old file or the new one, never half of each.
+Credentials never go into edge.toml: they go to the secrets files (mode 600) that
+``[cloud] secrets_file`` and ``[ops] pushgateway_secrets_file`` name.
+
+The same settings can be dropped as ``edge-provision.toml`` on an image's boot
+partition; the first-boot unit applies that file and deletes it (a FAT partition has no
+file modes, so credentials must not stay there).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+from tomlkit.items import Table
+
+from edge.config import ConfigError, parse_config
+
+PROVISION_FILE_NAME = "edge-provision.toml"
+# Provisioning table → (section, key naming the secrets file, default file name next to edge.toml).
+SECRET_TABLES: dict[str, tuple[str, str, str]] = {
+    "secrets": ("cloud", "secrets_file", "cloud-secrets.toml"),
+    "pushgateway_secrets": ("ops", "pushgateway_secrets_file", "pushgateway-secrets.toml"),
+}
+_SECRET_KEYS = {"token", "username", "password"}
+
+
+class ProvisionError(Exception):
+    """The provisioning input cannot be applied; the message says which key and why."""
+
+
+@dataclass
+class Provisioning:
+    """What to write: edge.toml settings by section, credentials by secrets table, the disk key."""
+
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)
+    disk_key: bytes | None = None
+
+    def set(self, section: str, key: str, value: Any) -> None:
+        if value is not None:
+            self.settings.setdefault(section, {})[key] = value
+
+    def to_toml(self) -> str:
+        doc = tomlkit.document()
+        doc.add(tomlkit.comment("Clinic Edge first-boot provisioning: applied once, then deleted. Holds credentials."))
+        for section, values in {**self.settings, **self.secrets}.items():
+            doc[section] = values
+        if self.disk_key is not None:
+            doc["disk"] = {"luks_key": base64.b64encode(self.disk_key).decode()}
+        return tomlkit.dumps(doc)
+
+
+def read_provision_file(path: Path) -> Provisioning:
+    try:
+        data = tomlkit.parse(path.read_text("utf-8")).unwrap()
+    except FileNotFoundError:
+        raise ProvisionError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, tomlkit.exceptions.ParseError) as exc:
+        raise ProvisionError(f"{path}: cannot read: {exc}") from None
+    prov = Provisioning()
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ProvisionError(f"{path}: {name}: expected a [table]")
+        if name in SECRET_TABLES:
+            unknown = set(table) - _SECRET_KEYS
+            if unknown:
+                raise ProvisionError(f"{path}: [{name}] unknown key(s) {', '.join(sorted(unknown))}")
+            prov.secrets[name] = {k: str(v) for k, v in table.items()}
+        elif name == "disk":
+            try:
+                prov.disk_key = base64.b64decode(str(table["luks_key"]), validate=True)
+            except (KeyError, ValueError):
+                raise ProvisionError(f"{path}: [disk] luks_key must be base64") from None
+            if len(prov.disk_key) < 32:
+                raise ProvisionError(f"{path}: [disk] luks_key must be at least 32 random bytes")
+        else:
+            prov.settings[name] = dict(table)
+    return prov
+
+
+def atomic_write(path: Path, text: str, mode: int, owner_of: Path | None = None) -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        if owner_of is not None and os.geteuid() == 0:
+            st = owner_of.stat()
+            os.fchown(fd, st.st_uid, st.st_gid)  # the node's user must read its own secrets
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def apply(config_path: Path, prov: Provisioning) -> list[str]:
+    """Update edge.toml and the secrets files; returns what changed ("[node] id", "secrets file …")."""
+    try:
+        doc = tomlkit.parse(config_path.read_text("utf-8")) if config_path.exists() else tomlkit.document()
+    except (OSError, tomlkit.exceptions.ParseError) as exc:
+        raise ProvisionError(f"{config_path}: cannot read: {exc}") from None
+    changed: list[str] = []
+    for section, values in prov.settings.items():
+        table = doc.get(section)
+        if table is None:
+            table = tomlkit.table()
+            doc[section] = table
+        if not isinstance(table, Table):
+            raise ProvisionError(f"{config_path}: [{section}] is not a table")
+        for key, value in values.items():
+            if table.get(key) != value:
+                table[key] = value
+                changed.append(f"[{section}] {key}")
+    secret_files: list[tuple[Path, str]] = []
+    for name, creds in prov.secrets.items():
+        section, key, default = SECRET_TABLES[name]
+        table = doc.setdefault(section, tomlkit.table())
+        if not table.get(key):
+            table[key] = default
+            changed.append(f"[{section}] {key}")
+        target = Path(str(table[key]))
+        target = target if target.is_absolute() else config_path.parent / target
+        secret_files.append((target, tomlkit.dumps(creds)))
+    try:
+        parse_config(doc.unwrap(), config_path.resolve().parent, str(config_path))
+    except ConfigError as exc:
+        raise ProvisionError(f"not applied: {exc}") from None
+    for target, text in secret_files:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, text, 0o600, owner_of=config_path.parent)
+        changed.append(f"secrets file {target}")
+    if any(not c.startswith("secrets file") for c in changed):
+        mode = config_path.stat().st_mode & 0o777 if config_path.exists() else 0o640
+        atomic_write(config_path, tomlkit.dumps(doc), mode)
+    return changed
+
+
+def write_boot_file(boot_dir: Path, prov: Provisioning) -> Path:
+    """``edge-provision.toml`` on an image's boot partition, for the first-boot unit."""
+    if not boot_dir.is_dir():
+        raise ProvisionError(f"{boot_dir}: not a folder (mount the image's boot partition first)")
+    target = boot_dir / PROVISION_FILE_NAME
+    atomic_write(target, prov.to_toml(), 0o600)
+    return target
+
+
+def write_disk_key(path: Path, key: bytes) -> None:
+    """The LUKS key for first boot (on /run, a tmpfs): base64, mode 600, never on the boot partition."""
+    atomic_write(path, base64.b64encode(key).decode() + "\n", 0o600)
