@@ -6,20 +6,13 @@ import asyncio
 import logging
 import signal
 from collections.abc import Sequence
-from typing import Protocol
 
 from edge.config import EdgeConfig
-from edge.console.app import ConsoleService
-from edge.dicom.service import DicomService
 from edge.ops import sdnotify
-from edge.ops.service import OpsService, OpsSetupError
+from edge.service import Service, ServiceSetupError
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
 from edge.store.spool import Spool
-from firmware_bridge.service import BridgeService
-from kiosk.app import KioskService, KioskSetupError
-from sync.retention import enforce_retention
-from sync.service import SyncService, SyncSetupError
 
 log = logging.getLogger(__name__)
 
@@ -28,28 +21,28 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES: tuple[str, ...] = ("dicom", "sync", "bridge", "kiosk", "console", "ops")
 
 
-class Service(Protocol):
-    name: str
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
 class StartupError(Exception):
     """A service could not start (port in use, data dir unwritable); the message says which."""
 
 
 def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
+    """Each package is imported only when its service runs: ``edge serve dicom`` stays small."""
     spool = Spool(config.data_dir)
     services: list[Service] = []
-    sync = SyncService(config, spool) if "sync" in names else None
+    sync_service = None
+    if "sync" in names:
+        from sync.service import SyncService
+
+        sync_service = SyncService(config, spool)
     for name in SERVICE_NAMES:
         if name not in names:
             continue
-        if name == "sync" and sync is not None:
-            services.append(sync)
+        if name == "sync" and sync_service is not None:
+            services.append(sync_service)
         elif name == "dicom":
+            from edge.dicom.service import DicomService
+            from sync.retention import enforce_retention
+
             report = reconcile(spool)
             log.info(
                 "reconcile: %d temp file(s) removed, %d spool file(s) indexed, %d unreadable, %d row(s) without file",
@@ -58,19 +51,27 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
                 report.files_unreadable,
                 report.rows_missing_file,
             )
-            on_kept = (lambda kept: sync.wake()) if sync is not None else None
+            on_kept = (lambda kept: sync_service.wake()) if sync_service is not None else None
             storage = config.storage
             services.append(DicomService(
                 config, spool, on_kept=on_kept,
                 make_room=lambda: enforce_retention(spool, storage.retention_days, storage.high_water_free_mb),
             ))
         elif name == "bridge":  # ECG boxes; idles when no port is configured or plugged in
-            services.append(BridgeService(config, spool, on_kept=(lambda kept: sync.wake()) if sync is not None else None))
+            from firmware_bridge.service import BridgeService
+
+            services.append(BridgeService(config, spool, on_kept=(lambda kept: sync_service.wake()) if sync_service is not None else None))
         elif name == "kiosk":
+            from kiosk.app import KioskService
+
             services.append(KioskService(config))
         elif name == "console":
+            from edge.console.app import ConsoleService
+
             services.append(ConsoleService(config, services=tuple(n for n in names if n != "console")))
         elif name == "ops":
+            from edge.ops.service import OpsService
+
             services.append(OpsService(config))
     return services
 
@@ -93,7 +94,7 @@ async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.E
                 await service.start()
             except OSError as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc.strerror or exc}") from None
-            except (SyncSetupError, OpsSetupError, KioskSetupError) as exc:
+            except ServiceSetupError as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc}") from None
             started.append(service)
         log.info("node %s up: %s", config.node.id, ", ".join(s.name for s in started))

@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pypdf import PdfReader
 
+from edge.service import ServiceSetupError
 from edge.config import EdgeConfig
 from kiosk import metrics, pages
 from kiosk.const import PrinterState
@@ -370,7 +371,7 @@ def make_app(config: EdgeConfig, context: KioskContext | None = None) -> web.App
     return app
 
 
-class KioskSetupError(Exception):
+class KioskSetupError(ServiceSetupError):
     """The kiosk cannot start (token key unreadable); the message says why."""
 
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from edge.service import ServiceSetupError
 from edge.config import EdgeConfig
 from edge.store.spool import Spool
 from sync import metrics
@@ -116,7 +117,7 @@ async def _pull_reports(puller: ReportPuller, client: DicomWebClient) -> None:
         metrics.REPORTS_PULLED.inc(pulled)
 
 
-class SyncSetupError(Exception):
+class SyncSetupError(ServiceSetupError):
     """The sync service cannot start as configured; the message names the key."""
 
 

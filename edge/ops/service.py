@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from edge.service import ServiceSetupError
 from edge.config import EdgeConfig
 from edge.ops.discovery import Announcer
 from edge.ops.heartbeat import Heartbeat, HeartbeatSetupError
@@ -22,7 +23,7 @@ ANNOUNCE_REFRESH_S = 10.0
 """How often zeroconf records are brought in step with which ports are up."""
 
 
-class OpsSetupError(Exception):
+class OpsSetupError(ServiceSetupError):
     """[ops] settings that cannot work; the message names the key."""
 
 

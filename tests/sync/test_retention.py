@@ -101,3 +101,45 @@ def test_full_disk_evicts_synced_studies_oldest_first_and_never_unsynced(
     assert set(uids(study_a) + uids(study_b)) | kept_c == set(orthanc.sop_instance_uids())
     assert len(orthanc.sop_instance_uids()) == 10 + acknowledged
     wait_until(lambda: healthz(node)[0] == 200, what="healthy again after eviction", timeout=90)
+
+
+def test_synced_studies_are_kept_for_retention_days_and_unsynced_ones_forever(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from edge.store.db import open_database
+    from edge.store.models import Instance, Outbox
+    from edge.store.spool import Spool, keep_instance
+    from sync.retention import enforce_retention
+
+    open_database(tmp_path / "var")
+    spool = Spool(tmp_path / "var")
+
+    def kept(accession: str, synced_days_ago: float | None) -> str:
+        (tmp_path / accession).mkdir()
+        path = dx_series(tmp_path / accession, 1, size=64, accession=accession)[0]
+        copy = spool.tmp / f"{accession}.dcm"
+        copy.write_bytes(path.read_bytes())
+        uid = keep_instance(spool, copy).sop_instance_uid
+        if synced_days_ago is not None:
+            when = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=synced_days_ago)
+            Outbox.update(state="synced", synced_at=when).where(
+                Outbox.instance == Instance.get(Instance.sop_instance_uid == uid)
+            ).execute()
+        return uid
+
+    old_synced = kept("OLD", synced_days_ago=31)
+    recent_synced = kept("RECENT", synced_days_ago=2)
+    old_unsynced = kept("WAITING", synced_days_ago=None)
+    Outbox.update(created_at=dt.datetime(2020, 1, 1)).where(Outbox.state == "pending").execute()
+
+    result = enforce_retention(spool, retention_days=30, high_water_free_mb=0)
+    on_disk = {p.stem for p in spool.root.rglob("*.dcm")}
+    assert on_disk == {recent_synced, old_unsynced}
+    assert (result.studies, result.instances) == (1, 1)
+    tombstone = Instance.get(Instance.sop_instance_uid == old_synced)
+    assert tombstone.evicted_at is not None  # the row stays: a re-send is recognised
+
+    again = spool.tmp / "again.dcm"
+    again.write_bytes((tmp_path / "OLD" / "0.dcm").read_bytes())
+    assert keep_instance(spool, again).duplicate is True
+    assert old_synced not in {p.stem for p in spool.root.rglob("*.dcm")}
