@@ -167,7 +167,7 @@ class BoxSession:
                 self._version_warned = True
             return
         self.stats.frames += 1
-        lost = seq_gap(self._last_seq, frame.seq)
+        lost = 0 if frame.type == Msg.HELLO else seq_gap(self._last_seq, frame.seq)  # a restart renumbers
         self._last_seq = frame.seq
         if lost:
             self.stats.lost_frames += lost

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 INJECTIONS = ("garbage", "crc", "lead-off", "noise", "drop", "disconnect")
 ACK_TIMEOUT_S = 2.0  # wall seconds before REC_END is sent again
 MAX_FIRMWARE = 4 * 2**20
+STORAGE_RETRY_S = 30.0  # box seconds to wait after the node could not keep a recording
 
 
 class Line(Protocol):
@@ -130,6 +131,7 @@ class SoftwareBox:
         self._rec_counter = self.rng.randrange(1, 2**31)
         self._pending: tuple[int, list[tuple[Msg, bytes]], float] | None = None  # unacked recording
         self._replay = threading.Event()
+        self._replay_after = 0.0
         self._fw: dict[str, object] = {}
         self._chunks_seen = 0
         self._plugged = threading.Event()
@@ -201,6 +203,8 @@ class SoftwareBox:
                 log.info("ecg-sim: recording %d acknowledged by the node", msg.arg)
         elif isinstance(msg, NakMsg) and msg.ref_type == Msg.REC_END:
             if self._pending and self._pending[0] == msg.arg:
+                if msg.reason == Nak.STORAGE:  # the node's disk is full: give it time
+                    self._replay_after = time.monotonic() + STORAGE_RETRY_S / self.speed
                 self._replay.set()
         elif Msg.FW_BEGIN <= kind <= Msg.FW_ROLLBACK:
             self._firmware(kind, seq, msg)
@@ -299,7 +303,7 @@ class SoftwareBox:
                 if now >= next_status:
                     self._status()
                     next_status = now + 1.0
-                if self._replay.is_set() and self._pending is not None:
+                if self._replay.is_set() and self._pending is not None and time.monotonic() >= self._replay_after:
                     self._replay.clear()
                     self._replay_pending()
                 elif self._pending is not None and time.monotonic() - self._pending[2] > ACK_TIMEOUT_S:

@@ -7,6 +7,7 @@ lives here rather than in the bridge's memory.
 from __future__ import annotations
 
 from peewee import (
+    AutoField,
     BooleanField,
     CharField,
     DateTimeField,
@@ -21,6 +22,7 @@ from edge.store.models import StoreModel, utcnow
 class Box(StoreModel):
     """One ECG box, as its last HELLO and STATUS described it."""
 
+    id = AutoField()
     box_id = CharField(max_length=64, unique=True)
     model = CharField(max_length=64, default="")
     fw_version = CharField(max_length=32, default="")
@@ -37,6 +39,7 @@ class Box(StoreModel):
 class Arming(StoreModel):
     """The technician's "next recording on this box is for this patient/order"."""
 
+    id = AutoField()
     box_id = CharField(max_length=64, unique=True)
     patient_id = CharField(max_length=64)
     patient_name = CharField(max_length=64, default="")  # never logged
@@ -47,6 +50,7 @@ class Arming(StoreModel):
 class EcgRecording(StoreModel):
     """Every recording a box started; ``state`` says what became of it."""
 
+    id = AutoField()
     box_id = CharField(max_length=64, index=True)
     rec_id = IntegerField()
     sop_instance_uid = CharField(max_length=64, default="")
