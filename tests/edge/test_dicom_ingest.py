@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -65,6 +67,10 @@ def test_sample_file_is_kept_byte_identical_and_queued(node: EdgeNode, name: str
     kept = spool_file(node, original.StudyInstanceUID, original.SOPInstanceUID)
     assert kept.exists()
     assert same_elements(kept, source)
+    recorded = sqlite3.connect(node.data_dir / "edge.db").execute(
+        "select sha256, size from instance where sop_instance_uid = ?", (original.SOPInstanceUID,)
+    ).fetchone()
+    assert recorded == (hashlib.sha256(kept.read_bytes()).hexdigest(), kept.stat().st_size)
     assert dcmread(kept).file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
 
     studies = {s["study_instance_uid"]: s for s in node.studies()}
@@ -110,6 +116,10 @@ def test_dr_size_image_is_kept(node: EdgeNode, tmp_path: Path) -> None:
     kept = spool_file(node, ds.StudyInstanceUID, ds.SOPInstanceUID)
     assert kept.stat().st_size > 18_000_000
     assert dataset_bytes(kept) == dataset_bytes(tmp_path / "dr.dcm")
+    recorded = sqlite3.connect(node.data_dir / "edge.db").execute(
+        "select sha256 from instance where sop_instance_uid = ?", (ds.SOPInstanceUID,)
+    ).fetchone()
+    assert recorded == (hashlib.sha256(kept.read_bytes()).hexdigest(),)  # hashed while it arrived
 
 
 def test_edge_run_serves_health_and_metrics(node_factory: Any, tmp_path: Path) -> None:
