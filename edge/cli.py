@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kiosk.cli import add_commands as add_kiosk_commands
 
     add_kiosk_commands(sub)  # kiosk allow-reprint, issue-ticket, audit
+    from edge.console.cli import add_commands as add_user_commands
+
+    add_user_commands(sub)  # user add, list, unlock, passwd, disable, enable
     return parser
 
 

@@ -68,7 +68,10 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
         elif name == "console":
             from edge.console.app import ConsoleService
 
-            services.append(ConsoleService(config, services=tuple(n for n in names if n != "console")))
+            services.append(ConsoleService(
+                config, services=tuple(n for n in names if n != "console"),
+                wake_sync=sync_service.wake if sync_service is not None else None,  # "send now", STAT
+            ))
         elif name == "ops":
             from edge.ops.service import OpsService
 

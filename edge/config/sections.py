@@ -67,6 +67,22 @@ class StorageSection(Section):
 class ConsoleSection(Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
+    # The technician console (edge.console, edge.orders).
+    exams: list[str] = Field(default_factory=list)
+    xray_modality: str = Field(default="DX", pattern=r"^[A-Z]{2,8}$")
+    secure_cookies: bool = False
+    session_idle_minutes: float = Field(default=120.0, gt=0, le=24 * 60)
+    max_login_failures: int = Field(default=5, ge=1, le=100)
+    login_lockout_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
+    refresh_s: float = Field(default=3.0, ge=1.0, le=60.0)
+
+    @field_validator("exams")
+    @classmethod
+    def _check_exams(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value.strip() or len(value) > 64 or "\\" in value:
+                raise ValueError("each exam is 1 to 64 characters, without backslash")
+        return [v.strip() for v in values]
 
 
 class LoggingSection(Section):

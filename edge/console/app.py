@@ -1,15 +1,20 @@
-"""Console HTTP app: ``GET /healthz`` (JSON, 503 when unhealthy) and ``GET /metrics``."""
+"""Console HTTP app: the technician console (edge.console.web) plus ``GET /healthz`` and ``GET /metrics``.
+
+Health and metrics stay unauthenticated for ops; everything else needs a login.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from edge.config import EdgeConfig
 from edge.ops.health import health_report, run_checks
+from edge.console.web import add_routes
 from edge.ops.metrics import register_store_collector
 
 log = logging.getLogger(__name__)
@@ -30,14 +35,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def make_app(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> web.Application:
-    """``services``: which of the node's services /healthz expects to be up."""
+def make_app(
+    config: EdgeConfig, services: tuple[str, ...] = ("dicom",), wake_sync: Callable[[], None] | None = None
+) -> web.Application:
+    """``services``: which of the node's services /healthz expects to be up; ``wake_sync``: nudge the uploader."""
     register_store_collector(config, services)
     app = web.Application()
     app[CONFIG] = config
     app[SERVICES] = services
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    add_routes(app, config, wake_sync)
     return app
 
 
@@ -46,17 +54,20 @@ class ConsoleService:
 
     name = "console"
 
-    def __init__(self, config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> None:
+    def __init__(
+        self, config: EdgeConfig, services: tuple[str, ...] = ("dicom",), wake_sync: Callable[[], None] | None = None
+    ) -> None:
         self.config = config
         self.services = services
+        self.wake_sync = wake_sync
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(make_app(self.config, self.services), access_log=None, shutdown_timeout=5.0)
+        self._runner = web.AppRunner(make_app(self.config, self.services, self.wake_sync), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         cfg = self.config.console
         await web.TCPSite(self._runner, cfg.bind_address, cfg.port).start()
-        log.info("console: listening on %s:%d (/healthz, /metrics)", cfg.bind_address, cfg.port)
+        log.info("console: listening on %s:%d (console, /healthz, /metrics)", cfg.bind_address, cfg.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

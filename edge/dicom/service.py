@@ -1,4 +1,4 @@
-"""The DICOM service: C-ECHO and C-STORE for every storage SOP class pynetdicom knows.
+"""The DICOM service: C-ECHO, C-STORE for every storage SOP class pynetdicom knows, worklist C-FIND.
 
 Received datasets are streamed by pynetdicom into a temp file under the data directory
 (``STORE_RECV_CHUNKED_DATASET``), never held whole in memory; the C-STORE handler hands
@@ -15,7 +15,7 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
 from typing import Any, cast
@@ -29,7 +29,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -43,6 +43,7 @@ from edge.dicom.const import (
     accepted_transfer_syntaxes,
 )
 from edge.ops import metrics
+from edge.orders import worklist
 from edge.store.db import database
 from edge.store.spool import KeptInstance, RejectedInstance, Spool, keep_instance
 
@@ -137,6 +138,7 @@ class DicomService:
         if cfg.allowed_calling_aets:
             ae.require_calling_aet = list(cfg.allowed_calling_aets)
         ae.add_supported_context(Verification)
+        ae.add_supported_context(ModalityWorklistInformationFind)  # the DR reads its worklist here
         transfer_syntaxes = accepted_transfer_syntaxes(list(ALL_TRANSFER_SYNTAXES))
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
@@ -150,6 +152,7 @@ class DicomService:
         cfg = self.config.dicom
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -260,6 +263,25 @@ class DicomService:
         if self.on_kept is not None and not kept.duplicate:
             self.on_kept(kept)
         return STATUS_SUCCESS
+
+
+    def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """Modality Worklist C-FIND: the day's orders (edge.orders.worklist); a bad query gets one failure."""
+        calling = _calling(event)
+        sent = 0
+        implicit = bool(event.context.transfer_syntax.is_implicit_VR)
+        for status, identifier in worklist.answer(lambda: event.identifier, cancelled=lambda: event.is_cancelled,
+                                                  implicit_vr=implicit):
+            if identifier is None:
+                code = status if isinstance(status, int) else int(status.Status)
+                if code != 0xFE00:
+                    log.warning("dicom: worklist query from %s refused (status 0x%04X): %s", calling, code,
+                                getattr(status, "ErrorComment", ""))
+                yield status, identifier
+                return
+            sent += 1
+            yield status, identifier
+        log.info("dicom: worklist query from %s answered with %d item(s)", calling, sent)
 
 
 def _status(code: int, comment: str) -> Dataset:

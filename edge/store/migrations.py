@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 MigrationStep = Callable[[SqliteDatabase], None]
 
 # Modules that own tables, each exposing MIGRATIONS: Sequence[MigrationStep].
-SCHEMA_OWNERS: tuple[str, ...] = ("edge.store.tables", "sync.tables", "kiosk.tables", "firmware_bridge.tables")
+# A module may set SCHEMA_PACKAGE to record its steps under its own name (needed for a
+# second owner inside one top-level package: the default name is that package's).
+SCHEMA_OWNERS: tuple[str, ...] = (
+    "edge.store.tables", "sync.tables", "kiosk.tables", "firmware_bridge.tables",
+    "edge.orders.tables", "edge.console.tables",
+)
 
 
 class SchemaMigration(Model):
@@ -61,4 +66,4 @@ def migrate_all(db: SqliteDatabase, owners: Sequence[str] = SCHEMA_OWNERS) -> No
     db.create_tables([SchemaMigration], safe=True)
     for owner in owners:
         module = importlib.import_module(owner)
-        apply_steps(db, owner.split(".")[0], module.MIGRATIONS)
+        apply_steps(db, getattr(module, "SCHEMA_PACKAGE", owner.split(".")[0]), module.MIGRATIONS)

@@ -1,0 +1,452 @@
+"""The console's routes: login, today's visits (live), registration and the technician's actions.
+
+Every page but ``/healthz``, ``/metrics``, ``/login`` and ``/static`` needs a session.
+Every POST carries the session's CSRF token (login: a double-submit cookie), else 403.
+Database work runs in worker threads (``asyncio.to_thread``) so the loop never waits on
+SQLite or scrypt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edge.config import EdgeConfig
+from edge.console import accounts, actions, pages
+from edge.console.accounts import SessionInfo
+from edge.orders.matching import AssignError, assign_study, match_new_studies
+from edge.orders.register import (
+    ExamChoice,
+    FormErrors,
+    Registration,
+    create_order,
+    exam_choices,
+    set_ticket,
+    validate,
+)
+from edge.orders.tables import Audit, Order
+from edge.orders.today import VisitRow, unmatched_studies, visits_for_day
+from firmware_bridge.boxes import box_summaries
+from kiosk.slip import render_slip
+from kiosk.tickets import issue_ticket
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+COOKIE = "edge_console"
+LOGIN_COOKIE = "edge_console_login"
+SLIP_KEEP_S = 15 * 60.0  # the slip (with its PIN) can be opened this long after registering
+PUBLIC = frozenset({"/healthz", "/metrics", "/login"})
+
+
+@dataclass
+class Slip:
+    session_id: int
+    code: str
+    pin: str
+    pdf: bytes
+    expires: float
+
+
+@dataclass
+class ConsoleContext:
+    config: EdgeConfig
+    choices: list[ExamChoice]
+    wake_sync: Callable[[], None] | None = None
+    slips: dict[int, Slip] = field(default_factory=dict)
+
+    def slip(self, order_id: int, session_id: int) -> Slip | None:
+        now = time.monotonic()
+        for key in [k for k, s in self.slips.items() if s.expires < now]:
+            del self.slips[key]
+        slip = self.slips.get(order_id)
+        return slip if slip is not None and slip.session_id == session_id else None
+
+
+CONSOLE = web.AppKey("console", ConsoleContext)
+SESSION = "console_session"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _ctx(request: web.Request) -> ConsoleContext:
+    return request.app[CONSOLE]
+
+
+def _session(request: web.Request) -> SessionInfo:
+    session: SessionInfo = request[SESSION]
+    return session
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _html(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
+
+
+def _set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str) -> None:
+    response.set_cookie(name, value, httponly=True, samesite="Strict", path="/",
+                        secure=_ctx(request).config.console.secure_cookies)
+
+
+def _forbidden(reason: str) -> web.Response:
+    return web.Response(status=403, text=f"Forbidden: {reason}. Reload the page and try again.\n")
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Sessions and CSRF for everything but health, metrics, login and static files."""
+    path = request.path
+    if path in PUBLIC or path.startswith("/static/"):
+        return await _headers(await handler(request), path)
+    cfg = _ctx(request).config.console
+    session = await asyncio.to_thread(accounts.session_for, request.cookies.get(COOKIE), cfg.session_idle_minutes)
+    if session is None:
+        if request.method == "GET" and not path.startswith("/api/"):
+            raise web.HTTPSeeOther("/login")
+        return await _headers(web.Response(status=401 if request.method == "GET" else 403,
+                                           text="Not logged in (or the session expired): log in again.\n"), path)
+    request[SESSION] = session
+    if request.method == "POST":
+        form = await request.post()
+        given = form.get("csrf")
+        if not isinstance(given, str) or not accounts.csrf_ok(session.csrf, given):
+            log.warning("console: POST %s by %s refused: missing or wrong CSRF token", path, session.user)
+            return await _headers(_forbidden("the form's security token is missing or old"), path)
+    return await _headers(await handler(request), path)
+
+
+async def _headers(response: web.StreamResponse, path: str) -> web.StreamResponse:
+    if path not in ("/healthz", "/metrics") and not path.startswith("/static/"):
+        response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Content-Security-Policy"] = "default-src 'self'; form-action 'self'; frame-ancestors 'none'"
+    return response
+
+
+def _admin(request: web.Request) -> SessionInfo:
+    session = _session(request)
+    if session.role != "admin":
+        raise web.HTTPForbidden(text="Only an admin may do this.\n")
+    return session
+
+
+# ---------------------------------------------------------------------- login
+
+
+def _login_token(request: web.Request) -> str:
+    """The login form's double-submit token: kept while the browser has one, so a second
+    tab (or the browser's favicon request landing here) does not invalidate the first form."""
+    current = request.cookies.get(LOGIN_COOKIE, "")
+    return current if 20 <= len(current) <= 64 and current.replace("-", "").replace("_", "").isalnum() \
+        else secrets.token_urlsafe(24)
+
+
+async def login_form(request: web.Request) -> web.StreamResponse:
+    token = _login_token(request)
+    msg = pages.MESSAGES.get(request.query.get("msg", ""), "")
+    response = _html(pages.login_page(_ctx(request).config.node.name, token, msg))
+    _set_cookie(request, response, LOGIN_COOKIE, token)
+    return response
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    ctx = _ctx(request)
+    form = await request.post()
+    expected = request.cookies.get(LOGIN_COOKIE, "")
+    given = form.get("csrf")
+    if not expected or not isinstance(given, str) or not accounts.csrf_ok(expected, given):
+        log.warning("console: login from %s refused: missing or wrong CSRF token", _client(request))
+        return await _headers(_forbidden("the form's security token is missing or old"), request.path)
+    name, password = str(form.get("user", "")), str(form.get("password", ""))
+    cfg = ctx.config.console
+    result = await asyncio.to_thread(
+        accounts.log_in, name, password, cfg.max_login_failures, cfg.login_lockout_minutes, _client(request))
+    if not result.ok or result.user_id is None:
+        token = _login_token(request)
+        response = _html(pages.login_page(ctx.config.node.name, token, result.message, name), status=401)
+        _set_cookie(request, response, LOGIN_COOKIE, token)
+        return response
+    cookie, _ = await asyncio.to_thread(accounts.new_session, result.user_id)
+    response = web.HTTPSeeOther("/")
+    _set_cookie(request, response, COOKIE, cookie)
+    response.del_cookie(LOGIN_COOKIE, path="/")
+    raise response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    await asyncio.to_thread(accounts.end_session, request.cookies.get(COOKIE))
+    log.info("console: %s logged out", _session(request).user)
+    response = web.HTTPSeeOther("/login?msg=logged_out")
+    response.del_cookie(COOKIE, path="/")
+    raise response
+
+
+# ---------------------------------------------------------------------- today
+
+
+def refresh_matches() -> None:
+    """Match what arrived since the last look; a failure here must not cost the page."""
+    try:
+        match_new_studies()
+        actions.raise_stat_arrivals()
+    except Exception:
+        log.exception("console: matching studies to orders failed")
+
+
+def _today_data() -> tuple[list[VisitRow], list[Any], list[dict[str, Any]]]:
+    refresh_matches()
+    return visits_for_day(), unmatched_studies(), box_summaries()
+
+
+async def today(request: web.Request) -> web.StreamResponse:
+    ctx, session = _ctx(request), _session(request)
+    rows, unmatched, boxes = await asyncio.to_thread(_today_data)
+    return _html(pages.today_page(
+        ctx.config.node.name, session.user, session.role, session.csrf, rows, unmatched, boxes,
+        ctx.config.console.refresh_s, pages.MESSAGES.get(request.query.get("msg", ""), ""),
+        request.query.get("error", "")[:200],
+    ))
+
+
+async def api_today(request: web.Request) -> web.StreamResponse:
+    """Small: one signature per visit; the page asks for the rows whose signature changed."""
+    rows, unmatched, boxes = await asyncio.to_thread(_today_data)
+    box_sig = ";".join(f'{b["box_id"]}:{b["connected"]}:{b["battery_pct"]}:{",".join(b["lead_off"])}:{b["armed"]}'
+                       for b in boxes)
+    return web.json_response({
+        "visits": {str(r.order_id): r.signature for r in rows},
+        "order": [r.order_id for r in rows],
+        "unmatched": [u.study_instance_uid for u in unmatched],
+        "boxes": box_sig,
+    })
+
+
+async def api_rows(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    try:
+        wanted = {int(x) for x in request.query.get("ids", "").split(",") if x}
+    except ValueError:
+        raise web.HTTPBadRequest(text="ids must be numbers\n") from None
+    rows = await asyncio.to_thread(visits_for_day)
+    return web.json_response({
+        str(r.order_id): {"html": pages.visit_row(r, session.csrf), "sig": r.signature}
+        for r in rows if r.order_id in wanted
+    })
+
+
+# ---------------------------------------------------------------------- register
+
+
+async def register_form(request: web.Request) -> web.StreamResponse:
+    ctx, session = _ctx(request), _session(request)
+    return _html(pages.register_page(ctx.config.node.name, session.user, session.role, session.csrf, ctx.choices,
+                                     ctx.config.kiosk.languages))
+
+
+def _register(ctx: ConsoleContext, form: Registration, language: str, by: str, client: str,
+              session_id: int) -> int:
+    """Validate, create the order, issue the kiosk ticket and render the slip; returns the order id."""
+    patient = validate(form, ctx.choices)
+    cfg = ctx.config
+    order = create_order(patient, node_id=cfg.node.id, station_ae=cfg.dicom.modality_ae, by=by, client=client)
+    try:
+        ticket = issue_ticket(order.accession_number, patient.patient_name.replace("^", " "), order.exam,
+                              pin_digits=cfg.kiosk.pin_digits, valid_days=cfg.kiosk.ticket_valid_days)
+        set_ticket(order.id, ticket.code)
+        pdf = render_slip(ticket.code, ticket.pin, cfg.node.name, cfg.kiosk.collect_at, ticket.expires_at, language)
+        ctx.slips[order.id] = Slip(session_id, ticket.code, ticket.pin, pdf, time.monotonic() + SLIP_KEEP_S)
+    except Exception:  # the visit stands; the technician sees that no slip was made
+        log.exception("console: order %d registered but its kiosk slip failed", order.id)
+    return int(order.id)
+
+
+async def register(request: web.Request) -> web.StreamResponse:
+    ctx, session = _ctx(request), _session(request)
+    data = await request.post()
+    values = {k: str(data.get(k, ""))[:100] for k in
+              ("surname", "given_names", "sex", "birth_date", "id_number", "folder_number", "exam", "language")}
+    language = values["language"] if values["language"] in ctx.config.kiosk.languages else ctx.config.kiosk.languages[0]
+    form = Registration(**{k: v for k, v in values.items() if k != "language"})
+    try:
+        order_id = await asyncio.to_thread(_register, ctx, form, language, session.user, _client(request),
+                                           session.session_id)
+    except FormErrors as exc:
+        return _html(pages.register_page(ctx.config.node.name, session.user, session.role, session.csrf,
+                                         ctx.choices, ctx.config.kiosk.languages, values, exc.errors), status=422)
+    raise web.HTTPSeeOther(f"/visits/{order_id}/registered")
+
+
+def _order_row(order_id: int) -> tuple[VisitRow | None, str]:
+    order = Order.get_or_none(Order.id == order_id)
+    if order is None:
+        return None, ""
+    day = dt.datetime.strptime(order.scheduled_date, "%Y%m%d").date()
+    return next((r for r in visits_for_day(day) if r.order_id == order_id), None), order.modality
+
+
+async def registered(request: web.Request) -> web.StreamResponse:
+    ctx, session = _ctx(request), _session(request)
+    order_id = int(request.match_info["order_id"])
+    row, modality = await asyncio.to_thread(_order_row, order_id)
+    if row is None:
+        raise web.HTTPNotFound(text="No such visit.\n")
+    slip = ctx.slip(order_id, session.session_id)
+    return _html(pages.registered_page(ctx.config.node.name, session.user, session.role, session.csrf, row,
+                                       slip.code if slip else "", slip.pin if slip else "", modality))
+
+
+async def slip_pdf(request: web.Request) -> web.StreamResponse:
+    slip = _ctx(request).slip(int(request.match_info["order_id"]), _session(request).session_id)
+    if slip is None:
+        raise web.HTTPNotFound(text="The slip can be opened only for a short while after registering, by the "
+                                    "same login. Use 'Allow reprint' for a report; register again for a new slip.\n")
+    return web.Response(body=slip.pdf, content_type="application/pdf",
+                        headers={"Content-Disposition": 'inline; filename="slip.pdf"'})
+
+
+# ---------------------------------------------------------------------- actions
+
+
+async def visit_action(request: web.Request) -> web.StreamResponse:
+    ctx, session = _ctx(request), _session(request)
+    order_id = int(request.match_info["order_id"])
+    action = request.match_info["action"]
+    client = _client(request)
+    try:
+        if action == "stat":
+            await asyncio.to_thread(actions.mark_stat, order_id, session.user, client)
+            msg = "stat"
+        elif action == "send-now":
+            await asyncio.to_thread(actions.send_now, order_id, session.user, client)
+            msg = "sent"
+        elif action == "retry":
+            count = await asyncio.to_thread(actions.retry, order_id, session.user, client)
+            msg = "retried" if count else "nothing_to_retry"
+        elif action == "reprint":
+            await asyncio.to_thread(actions.reprint, order_id, session.user, client)
+            msg = "reprint"
+        else:
+            raise web.HTTPNotFound()
+    except (actions.ActionError, LookupError) as exc:
+        raise web.HTTPSeeOther(f"/?error={_quote(str(exc))}") from None
+    if action in ("stat", "send-now", "retry") and ctx.wake_sync is not None:
+        ctx.wake_sync()
+    raise web.HTTPSeeOther(f"/?msg={msg}")
+
+
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text[:200])
+
+
+async def assign(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    data = await request.post()
+    try:
+        order_id = int(str(data.get("order", "")))
+    except ValueError:
+        raise web.HTTPSeeOther(f"/?error={_quote('Choose the visit the images belong to.')}") from None
+    try:
+        await asyncio.to_thread(assign_study, str(data.get("study", "")), order_id, session.user, _client(request))
+    except AssignError as exc:
+        raise web.HTTPSeeOther(f"/?error={_quote(str(exc))}") from None
+    raise web.HTTPSeeOther("/?msg=assigned")
+
+
+async def arm_box(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    data = await request.post()
+    box = str(data.get("box", ""))[:64]
+    try:
+        order_id = int(str(data.get("order", "")))
+        await asyncio.to_thread(actions.arm, box, order_id, session.user, _client(request))
+    except (ValueError, actions.ActionError):
+        raise web.HTTPSeeOther(f"/?error={_quote('Choose the patient for the next ECG.')}") from None
+    raise web.HTTPSeeOther("/?msg=armed")
+
+
+# ---------------------------------------------------------------------- admin and audit
+
+
+async def users(request: web.Request) -> web.StreamResponse:
+    ctx, session = _ctx(request), _admin(request)
+    listing = await asyncio.to_thread(accounts.list_users)
+    return _html(pages.users_page(ctx.config.node.name, session.user, session.role, session.csrf, listing,
+                                  pages.MESSAGES.get(request.query.get("msg", ""), ""),
+                                  request.query.get("error", "")[:200]))
+
+
+async def users_add(request: web.Request) -> web.StreamResponse:
+    session = _admin(request)
+    data = await request.post()
+    try:
+        await asyncio.to_thread(accounts.add_user, str(data.get("name", "")), str(data.get("role", "")),
+                                str(data.get("password", "")), session.user)
+    except accounts.AccountError as exc:
+        raise web.HTTPSeeOther(f"/users?error={_quote(str(exc))}") from None
+    raise web.HTTPSeeOther("/users?msg=user_added")
+
+
+async def users_unlock(request: web.Request) -> web.StreamResponse:
+    session = _admin(request)
+    data = await request.post()
+    try:
+        await asyncio.to_thread(accounts.unlock_user, str(data.get("name", "")), session.user)
+    except accounts.AccountError as exc:
+        raise web.HTTPSeeOther(f"/users?error={_quote(str(exc))}") from None
+    raise web.HTTPSeeOther("/users?msg=unlocked")
+
+
+def _audit_rows(limit: int = 300) -> list[dict[str, Any]]:
+    return [
+        {"at": a.at.isoformat(timespec="seconds") + "Z", "user": a.user, "action": a.action,
+         "accession_number": a.accession_number, "detail": a.detail, "client": a.client}
+        for a in Audit.select().order_by(Audit.id.desc()).limit(limit)
+    ]
+
+
+async def audit(request: web.Request) -> web.StreamResponse:
+    ctx, session = _ctx(request), _session(request)
+    rows = await asyncio.to_thread(_audit_rows)
+    return _html(pages.audit_page(ctx.config.node.name, session.user, session.role, session.csrf, rows))
+
+
+def add_routes(app: web.Application, config: EdgeConfig, wake_sync: Callable[[], None] | None = None) -> None:
+    """The console's pages on the app that already serves /healthz and /metrics."""
+    app[CONSOLE] = ConsoleContext(config, exam_choices(list(config.console.exams), config.console.xray_modality),
+                                  wake_sync)
+    app.middlewares.append(guard)
+    r = app.router
+    r.add_get("/login", login_form)
+    r.add_post("/login", login)
+    r.add_post("/logout", logout)
+    r.add_get("/", today)
+    r.add_get("/api/today", api_today)
+    r.add_get("/api/rows", api_rows)
+    r.add_get("/register", register_form)
+    r.add_post("/register", register)
+    r.add_get(r"/visits/{order_id:\d+}/registered", registered)
+    r.add_get(r"/visits/{order_id:\d+}/slip.pdf", slip_pdf)
+    r.add_post(r"/visits/{order_id:\d+}/{action:stat|send-now|retry|reprint}", visit_action)
+    r.add_post("/assign", assign)
+    r.add_post("/ecg/arm", arm_box)
+    r.add_get("/users", users)
+    r.add_post("/users/add", users_add)
+    r.add_post("/users/unlock", users_unlock)
+    r.add_get("/audit", audit)
+    r.add_static("/static/", STATIC_DIR)

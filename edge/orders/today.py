@@ -1,0 +1,174 @@
+"""What the console shows: the day's visits with where each one's images are, and unmatched studies.
+
+A fixed handful of grouped queries however many visits there are (500 a day in the
+benchmark), so a refresh stays cheap for the node that is also receiving images.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from peewee import fn
+
+from edge.orders.tables import Order, StudyMatch, Visit
+from edge.store.models import Instance, Outbox, Series, Study, utcnow
+
+
+@dataclass
+class _Progress:
+    states: set[str] = field(default_factory=set)
+    total_bytes: int = 0
+    synced_bytes: int = 0
+    instances: int = 0
+    reason: str = ""
+    report: str = "none"
+
+
+@dataclass(frozen=True)
+class VisitRow:
+    order_id: int
+    accession_number: str
+    patient_name: str  # for the screen only
+    patient_id: str
+    exam: str
+    modality: str
+    registered: str  # node-local HH:MM
+    stat: bool
+    ticket_code: str
+    state: str  # waiting | received | uploading | in_cloud | report_ready | printed
+    percent: int
+    problem: str  # "" | failed | quarantined
+    reason: str
+    instances: int
+    study_uids: tuple[str, ...]
+
+    @property
+    def signature(self) -> str:
+        """Changes whenever what the row shows changes: the page refetches only such rows."""
+        return f"{self.state}|{self.percent}|{self.problem}|{int(self.stat)}|{self.instances}|{self.reason[:40]}"
+
+
+def display_name(pn: str) -> str:
+    family, _, given = pn.partition("^")
+    return f"{family.upper()}, {given.replace('^', ' ')}" if given else family.upper()
+
+
+def _study_progress(study_ids: list[int]) -> dict[int, _Progress]:
+    progress: dict[int, _Progress] = {sid: _Progress() for sid in study_ids}
+    if not study_ids:
+        return progress
+    rows = (
+        Outbox.select(Instance.study, Outbox.state, fn.COUNT(Outbox.id), fn.COALESCE(fn.SUM(Instance.size), 0),
+                      fn.MAX(Outbox.last_error))
+        .join(Instance)
+        .where(Instance.study.in_(study_ids))
+        .group_by(Instance.study, Outbox.state)
+        .tuples()
+    )
+    for study_id, state, count, size, error in rows:
+        p = progress[study_id]
+        p.states.add(state)
+        p.instances += int(count)
+        p.total_bytes += int(size)
+        if state == "synced":
+            p.synced_bytes += int(size)
+        if state in ("quarantined", "failed") and error and (state == "quarantined" or not p.reason):
+            p.reason = str(error)
+    for study_id, report in Study.select(Study.id, Study.report_state).where(Study.id.in_(study_ids)).tuples():
+        progress[study_id].report = report
+    return progress
+
+
+def _state(parts: list[_Progress]) -> tuple[str, int, str, str, int]:
+    """(state, percent, problem, reason, instances) of an order from its studies."""
+    if not parts or not any(p.instances for p in parts):
+        return "waiting", 0, "", "", 0
+    states = set().union(*(p.states for p in parts))
+    total = sum(p.total_bytes for p in parts)
+    synced = sum(p.synced_bytes for p in parts)
+    instances = sum(p.instances for p in parts)
+    percent = int(100 * synced / total) if total else (100 if states == {"synced"} else 0)
+    problem = "quarantined" if "quarantined" in states else "failed" if "failed" in states else ""
+    reason = next((p.reason for p in parts if p.reason), "")
+    reports = {p.report for p in parts}
+    if "printed" in reports:
+        state = "printed"
+    elif "ready" in reports:
+        state = "report_ready"
+    elif states == {"synced"}:
+        state = "in_cloud"
+    elif states & {"synced", "sending"}:
+        state = "uploading"
+    else:
+        state = "received"
+    return state, percent, problem, reason, instances
+
+
+def visits_for_day(day: dt.date | None = None) -> list[VisitRow]:
+    """The day's orders, newest first, each with its live state."""
+    key = (day or dt.date.today()).strftime("%Y%m%d")
+    orders = list(
+        Order.select(Order.id, Order.accession_number, Visit.patient_name, Visit.patient_id, Order.exam,
+                     Order.modality, Order.scheduled_time, Order.stat, Order.ticket_code)
+        .join(Visit)
+        .where(Order.scheduled_date == key, Order.state != "cancelled")
+        .order_by(Order.id.desc())
+        .tuples()
+    )
+    ids = [o[0] for o in orders]
+    studies: dict[int, list[tuple[int, str]]] = {}
+    if ids:
+        for order_id, study_id, uid in (
+            StudyMatch.select(StudyMatch.order, Study.id, Study.study_instance_uid)
+            .join(Study).where(StudyMatch.order.in_(ids)).tuples()
+        ):
+            studies.setdefault(order_id, []).append((study_id, uid))
+    progress = _study_progress([sid for pairs in studies.values() for sid, _ in pairs])
+    rows = []
+    for oid, accession, name, pid, exam, modality, time, stat, code in orders:
+        pairs = studies.get(oid, [])
+        state, percent, problem, reason, instances = _state([progress[sid] for sid, _ in pairs])
+        rows.append(VisitRow(
+            order_id=oid, accession_number=accession, patient_name=display_name(name), patient_id=pid,
+            exam=exam, modality=modality, registered=f"{time[:2]}:{time[2:4]}" if time else "",
+            stat=bool(stat), ticket_code=code, state=state, percent=percent, problem=problem,
+            reason=reason, instances=instances, study_uids=tuple(uid for _, uid in pairs),
+        ))
+    return rows
+
+
+@dataclass(frozen=True)
+class UnmatchedStudy:
+    study_instance_uid: str
+    accession_number: str
+    patient_id: str
+    study_date: str
+    modalities: str
+    instances: int
+    received_at: dt.datetime
+
+
+def unmatched_studies(days: int = 7) -> list[UnmatchedStudy]:
+    """Studies matching found no order for (an ECG without arming, a DR typed by hand)."""
+    since = utcnow() - dt.timedelta(days=days)
+    rows = list(
+        Study.select(Study.id, Study.study_instance_uid, Study.accession_number, Study.patient_id,
+                     Study.study_date, Study.received_at)
+        .join(StudyMatch, on=(StudyMatch.study == Study.id))
+        .where(StudyMatch.order.is_null(True), Study.received_at >= since)
+        .order_by(Study.received_at.desc())
+        .tuples()
+    )
+    ids = [r[0] for r in rows]
+    mods: dict[int, set[str]] = {}
+    counts: dict[int, int] = {}
+    if ids:
+        for sid, modality in Series.select(Series.study, Series.modality).where(Series.study.in_(ids)).tuples():
+            mods.setdefault(sid, set()).add(modality)
+        counts = dict(Instance.select(Instance.study, fn.COUNT(Instance.id)).where(Instance.study.in_(ids))
+                      .group_by(Instance.study).tuples())
+    return [
+        UnmatchedStudy(uid, acc, pid, sdate, ",".join(sorted(m for m in mods.get(sid, set()) if m)) or "?",
+                       int(counts.get(sid, 0)), received)
+        for sid, uid, acc, pid, sdate, received in rows
+    ]

@@ -1,0 +1,239 @@
+"""The Modality Worklist the DR reads: today's orders, filtered the way the DR asks.
+
+Called from pynetdicom association threads. One short read (orders of the asked dates,
+joined with their visits) runs before the first answer is sent, so no transaction stays
+open while the DR reads the answers. Filters on modality, station AE title, patient and
+accession follow DICOM matching (``*`` and ``?`` wildcards; empty matches all).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom.dsutils import decode, encode
+
+from edge.orders.tables import Order, Visit
+
+STATUS_PENDING = 0xFF00
+STATUS_BAD_IDENTIFIER = 0xA900
+STATUS_UNABLE_TO_PROCESS = 0xC000
+
+_DATE = re.compile(r"^\d{8}$")
+
+
+class BadQuery(ValueError):
+    """The query cannot be answered; ``status`` is the C-FIND failure to send."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class WorklistQuery:
+    """What the DR asked for, already checked."""
+
+    date_from: str  # YYYYMMDD, inclusive
+    date_to: str
+    modality: str = ""
+    station_ae: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:  # a multi-valued key
+        raise BadQuery(STATUS_BAD_IDENTIFIER, f"{keyword} must have one value")
+    return str(value).strip()
+
+
+def _check_date(value: str, keyword: str) -> str:
+    if not _DATE.match(value):
+        raise BadQuery(STATUS_BAD_IDENTIFIER, f"{keyword} is not a date (YYYYMMDD): {value[:20]!r}")
+    try:
+        dt.datetime.strptime(value, "%Y%m%d")
+    except ValueError:
+        raise BadQuery(STATUS_BAD_IDENTIFIER, f"{keyword} is not a real date: {value!r}") from None
+    return value
+
+
+def date_range(value: str, today: dt.date) -> tuple[str, str]:
+    """A DA matching key (single date or range); empty means today: the worklist is the day's."""
+    value = value.strip()
+    name = "ScheduledProcedureStepStartDate"
+    if not value:
+        day = today.strftime("%Y%m%d")
+        return day, day
+    if "-" in value:
+        first, _, last = value.partition("-")
+        if not first and not last:
+            raise BadQuery(STATUS_BAD_IDENTIFIER, f"{name}: a range needs at least one date")
+        lo = _check_date(first, name) if first else "00000000"
+        hi = _check_date(last, name) if last else "99991231"
+        if lo > hi:
+            raise BadQuery(STATUS_BAD_IDENTIFIER, f"{name}: the range ends before it starts")
+        return lo, hi
+    day = _check_date(value, name)
+    return day, day
+
+
+def parse_query(identifier: Dataset, today: dt.date) -> WorklistQuery:
+    """The DR's identifier as a query, or BadQuery naming the problem."""
+    try:
+        steps = identifier.get("ScheduledProcedureStepSequence")
+        step = Dataset()
+        if steps is not None:
+            if not isinstance(steps, Sequence) and not isinstance(steps, list):
+                raise BadQuery(STATUS_BAD_IDENTIFIER, "ScheduledProcedureStepSequence is not a sequence")
+            if len(steps) > 1:
+                raise BadQuery(STATUS_BAD_IDENTIFIER, "ScheduledProcedureStepSequence has more than one item")
+            if len(steps) == 1:
+                step = steps[0]
+        lo, hi = date_range(_text(step, "ScheduledProcedureStepStartDate"), today)
+        return WorklistQuery(
+            date_from=lo, date_to=hi,
+            modality=_text(step, "Modality"),
+            station_ae=_text(step, "ScheduledStationAETitle"),
+            patient_id=_text(identifier, "PatientID"),
+            patient_name=_text(identifier, "PatientName"),
+            accession_number=_text(identifier, "AccessionNumber"),
+        )
+    except BadQuery:
+        raise
+    except Exception as exc:  # a value pydicom cannot convert: the identifier is broken
+        raise BadQuery(STATUS_UNABLE_TO_PROCESS, f"cannot read the query: {type(exc).__name__}") from None
+
+
+@lru_cache(maxsize=256)
+def _pattern(key: str, fold: bool) -> re.Pattern[str]:
+    body = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in key)
+    return re.compile(f"^{body}$", re.IGNORECASE | re.DOTALL if fold else re.DOTALL)
+
+
+def matches(key: str, value: str, fold: bool = False) -> bool:
+    """DICOM single-value / wildcard matching; an empty key or ``*`` matches anything."""
+    if not key or key == "*":
+        return True
+    if "*" not in key and "?" not in key:
+        return key.lower() == value.lower() if fold else key == value
+    return _pattern(key, fold).match(value) is not None
+
+
+@dataclass(frozen=True)
+class WorklistItem:
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    accession_number: str
+    study_instance_uid: str
+    exam: str
+    modality: str
+    station_ae: str
+    date: str
+    time: str
+    state: str
+    stat: bool
+
+
+def scheduled_items(query: WorklistQuery) -> list[WorklistItem]:
+    """The orders on the worklist for the query: one indexed read, then filters in memory."""
+    rows = (
+        Order.select(
+            Visit.patient_name, Visit.patient_id, Visit.birth_date, Visit.sex, Order.accession_number,
+            Order.study_instance_uid, Order.exam, Order.modality, Order.station_ae, Order.scheduled_date,
+            Order.scheduled_time, Order.state, Order.stat,
+        )
+        .join(Visit)
+        .where(Order.scheduled_date.between(query.date_from, query.date_to), Order.state != "cancelled")
+        .order_by(Order.scheduled_date, Order.scheduled_time, Order.id)
+        .tuples()
+    )
+    items = [WorklistItem(*row) for row in rows]
+    return [
+        i for i in items
+        if matches(query.modality, i.modality)
+        and matches(query.station_ae, i.station_ae)
+        and matches(query.patient_id, i.patient_id)
+        and matches(query.patient_name, i.patient_name, fold=True)
+        and matches(query.accession_number, i.accession_number)
+    ]
+
+
+def item_dataset(item: WorklistItem) -> Dataset:
+    """The attributes a DR needs to take the image and put our identifiers in it."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = item.patient_name
+    ds.PatientID = item.patient_id
+    ds.PatientBirthDate = item.birth_date
+    ds.PatientSex = item.sex
+    ds.AccessionNumber = item.accession_number
+    ds.ReferringPhysicianName = ""
+    ds.StudyInstanceUID = item.study_instance_uid
+    ds.RequestedProcedureDescription = item.exam[:64]
+    ds.RequestedProcedureID = item.accession_number
+    ds.RequestedProcedurePriority = "STAT" if item.stat else "ROUTINE"
+    step = Dataset()
+    step.Modality = item.modality
+    step.ScheduledStationAETitle = item.station_ae
+    step.ScheduledProcedureStepStartDate = item.date
+    step.ScheduledProcedureStepStartTime = item.time
+    step.ScheduledProcedureStepDescription = item.exam[:64]
+    step.ScheduledProcedureStepID = item.accession_number
+    step.ScheduledPerformingPhysicianName = ""
+    step.ScheduledProcedureStepStatus = "STARTED" if item.state == "started" else "SCHEDULED"
+    ds.ScheduledProcedureStepSequence = Sequence([step])
+    return ds
+
+
+@lru_cache(maxsize=4096)
+def _encoded(item: WorklistItem, implicit_vr: bool) -> bytes:
+    """An item's answer encoded once: a busy DR asks for the same 500 items every few minutes."""
+    return bytes(encode(item_dataset(item), implicit_vr, True, False) or b"")
+
+
+def cached_dataset(item: WorklistItem, implicit_vr: bool = True) -> Dataset:
+    """The item's answer as raw elements, which pynetdicom re-encodes as a plain copy (~3x faster)."""
+    return decode(BytesIO(_encoded(item, implicit_vr)), implicit_vr, True, False)
+
+
+def failure(status: int, reason: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = reason[:64]
+    return ds
+
+
+def answer(read_identifier: Callable[[], Dataset], today: dt.date | None = None,
+           cancelled: Callable[[], bool] = lambda: False,
+           implicit_vr: bool = True) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """C-FIND responses for pynetdicom: pending matches, or one failure for a bad query.
+
+    ``implicit_vr``: the association's transfer syntax, so cached answers are already in it.
+    """
+    try:
+        query = parse_query(read_identifier(), today or dt.date.today())
+    except BadQuery as exc:
+        yield failure(exc.status, exc.reason), None
+        return
+    except Exception as exc:  # the identifier did not even decode
+        yield failure(STATUS_UNABLE_TO_PROCESS, f"cannot decode the query: {type(exc).__name__}"), None
+        return
+    for item in scheduled_items(query):
+        if cancelled():
+            yield 0xFE00, None
+            return
+        yield STATUS_PENDING, cached_dataset(item, implicit_vr)

@@ -1,0 +1,54 @@
+"""Console fixtures: a real node (``edge run``) with an admin and a technician, and headless Chromium."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EdgeNode
+from tests.console.helpers import add_user
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+TECH, TECH_PASSWORD = "thandi", "xray-room-1"
+ADMIN, ADMIN_PASSWORD = "admin", "admin-pass-1"
+
+# Services a console test needs; no sync unless a test brings a cloud, no ECG ports.
+QUIET = {"sync": {"enabled": False}, "bridge": {"enabled": False, "port_glob": ""}, "reports": {"enabled": False}}
+
+
+def console_node(node_factory: Any, **sections: dict[str, Any]) -> EdgeNode:
+    """A started ``edge run`` node with an admin and a technician account."""
+    merged = {**QUIET, **sections}
+    merged["node"] = {"id": "clinic-0042", "name": "Ikhaya Clinic", **merged.get("node", {})}
+    merged["dicom"] = {"modality_ae": "DR", **merged.get("dicom", {})}
+    merged["console"] = {"exams": ["Knee X-ray"], **merged.get("console", {})}
+    merged["kiosk"] = {"bind_address": "127.0.0.1", **merged.get("kiosk", {})}
+    node: EdgeNode = node_factory(("run",), **merged)
+    add_user(node, ADMIN, ADMIN_PASSWORD, "admin")
+    add_user(node, TECH, TECH_PASSWORD)
+    return node.start()
+
+
+@pytest.fixture
+def cnode(node_factory: Any) -> EdgeNode:
+    return console_node(node_factory)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (no downloaded browser)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (scripts/test.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
