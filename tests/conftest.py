@@ -18,6 +18,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # DCMTK's tools, by full path: pynetdicom installs apps with the same names on PATH.
 DCMTK = Path("/usr/bin")
+# Debian's Chromium for the kiosk and console pages; no browser download is possible here.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
 
 
 def free_port() -> int:
@@ -181,3 +187,19 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     os.environ.setdefault("EDGE_TEST", "1")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (no downloaded browser).
+
+    Per module, not per session: Playwright's sync API runs an event loop in this thread
+    while it is open, and the other modules' ``asyncio.run`` must find none."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (scripts/test.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

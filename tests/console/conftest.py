@@ -11,11 +11,7 @@ import pytest
 from tests.conftest import EdgeNode
 from tests.console.helpers import add_user
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: F401 - used by the tests here
 TECH, TECH_PASSWORD = "thandi", "xray-room-1"
 ADMIN, ADMIN_PASSWORD = "admin", "admin-pass-1"
 
@@ -39,16 +35,3 @@ def console_node(node_factory: Any, **sections: dict[str, Any]) -> EdgeNode:
 @pytest.fixture
 def cnode(node_factory: Any) -> EdgeNode:
     return console_node(node_factory)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """Headless Debian Chromium driven by Playwright (no downloaded browser)."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (scripts/test.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()

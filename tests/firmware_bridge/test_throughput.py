@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tests.firmware_bridge.helpers import kept_recordings
@@ -18,6 +19,8 @@ def test_a_minute_of_8_leads_at_500hz_over_115200_baud_loses_no_frame(store: Any
     assert stats.line_utilisation(115200) < 0.80, f"{stats.line_utilisation(115200):.1%} of the line"
     session = running.session.stats
     assert (session.lost_frames, session.crc_errors, session.garbage) == (0, 0, 0)
-    kept = kept_recordings("ECG-T")
+    deadline = time.monotonic() + 30  # the last one may still be on its way to disk
+    while len(kept := kept_recordings("ECG-T")) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert len(kept) == 6
     assert all(r["samples"] == 5000 and not r["damaged"] and r["lost_frames"] == 0 for r in kept)

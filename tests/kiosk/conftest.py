@@ -19,11 +19,7 @@ from pydicom.uid import generate_uid
 from tests.conftest import wait_for_port, write_config
 from tests.kiosk.cups_peer import CupsPeer, cups_available
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: F401 - used by the tests here
 
 
 def seed_study(data_dir: Path, accession: str, report_text: str | None = None, pdf: bytes | None = None,
@@ -135,16 +131,3 @@ def cups() -> Iterator[CupsPeer]:
     finally:
         peer.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """Headless Debian Chromium driven by Playwright (no downloaded browser)."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (scripts/test.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
