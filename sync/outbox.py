@@ -156,6 +156,14 @@ def mark_failed(
         log_event("upload_failed", reason[:500], study_uid)
 
 
+def fail_unfinished(batch: Batch, reason: str, retry_in_s: float = 0.0, uncertain: bool = False) -> None:
+    """Rows of a batch still ``sending`` when its upload ended early go back in the queue."""
+    ids = [item.outbox_id for item in batch.items]
+    # Only this batch's slot changes its rows, so reading then writing is not a race.
+    left = [row.id for row in Outbox.select(Outbox.id).where(Outbox.id.in_(ids), Outbox.state == "sending")]
+    mark_failed(batch.study_instance_uid, left, reason, retry_in_s, uncertain)
+
+
 def mark_quarantined(study_uid: str, failures: dict[int, str], sop_uids: dict[int, str]) -> None:
     """The cloud will never take these as they are: stop retrying and show a human why."""
     if not failures:

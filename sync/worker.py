@@ -34,6 +34,7 @@ from sync.outbox import (
     BatchItem,
     claim_batch,
     clear_uncertain,
+    fail_unfinished,
     mark_failed,
     mark_quarantined,
     mark_synced,
@@ -157,11 +158,16 @@ class OutboxWorker:
             await self._send(batch)
         except asyncio.CancelledError:
             # Stopping mid-request: the body may be on the wire. Back in the queue, uncertain.
-            await asyncio.shield(asyncio.to_thread(
-                mark_failed, batch.study_instance_uid, [i.outbox_id for i in batch.items],
-                "interrupted by shutdown", 0.0, True,
-            ))
+            await asyncio.shield(asyncio.to_thread(fail_unfinished, batch, "interrupted by shutdown", 0.0, True))
             raise
+        except CloudUnreachable:
+            await asyncio.to_thread(fail_unfinished, batch, "cloud unreachable", 0.0)
+            raise
+        except Exception as exc:  # a bug must not leave rows "sending" or stop the slot
+            log.exception("sync: sending study %s failed unexpectedly", batch.study_instance_uid)
+            await asyncio.to_thread(
+                fail_unfinished, batch, f"internal error: {type(exc).__name__}", self.backoff_s(PARK_AFTER_ATTEMPTS)
+            )
         return True
 
     async def _send(self, batch: Batch) -> None:
