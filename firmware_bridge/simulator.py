@@ -278,7 +278,7 @@ class SoftwareBox:
         return self._pending[0] if self._pending else None
 
     def done(self) -> bool:
-        return bool(self.recordings) and len(self.stats.recordings_acked) >= self.recordings
+        return bool(self.recordings) and len(set(self.stats.recordings_acked)) >= self.recordings  # an ACK may come twice
 
     def run(self, duration: float = 0.0) -> BoxStats:
         """Run until stopped, ``duration`` wall seconds, or the wanted recordings are ACKed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
 import stat
 import tomllib
@@ -43,7 +44,8 @@ def load_auth_headers(path: Path | None) -> dict[str, str]:
     if isinstance(data.get("token"), str) and data["token"]:
         return {"Authorization": f"Bearer {data['token']}"}
     if isinstance(data.get("username"), str) and isinstance(data.get("password"), str):
-        return {"Authorization": aiohttp.BasicAuth(data["username"], data["password"]).encode()}
+        pair = f"{data['username']}:{data['password']}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}  # RFC 7617
     raise CloudSetupError(f"[cloud] secrets_file: {path} needs token, or username and password")
 
 
