@@ -170,6 +170,15 @@ def node_factory(tmp_path: Path) -> Iterator[Any]:
         nodes.append(node)
         return node
 
+    def another_service(node: EdgeNode, command: tuple[str, ...]) -> EdgeNode:
+        """A second process of the same node (same edge.toml and data), e.g. ``serve sync``."""
+        other = EdgeNode.__new__(EdgeNode)
+        other.__dict__.update(node.__dict__)
+        other.command, other.proc = command, None
+        nodes.append(other)
+        return other
+
+    make.another_service = another_service  # type: ignore[attr-defined]
     yield make
     for node in nodes:
         node.kill()

@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -51,8 +52,14 @@ log = logging.getLogger(__name__)
 
 # Process-wide pynetdicom switches: stream datasets to disk, keep identifiers out of logs.
 _config.STORE_RECV_CHUNKED_DATASET = True
+# pynetdicom deep-copies the AE's presentation contexts for every association: with every
+# storage SOP class times every transfer syntax that is thousands of UIDs, each re-validated
+# on copy (~100 ms per association on the clinic box). UIDs are immutable strings, so a copy
+# may be the same object.
+UID.__deepcopy__ = lambda self, memo: self  # type: ignore[method-assign,assignment]
 receive_file.install()  # a disk that fills mid-transfer gets 0xA700, not an abort
 _config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_HANDLER_LEVEL = "none"  # no per-PDU and per-message debug handlers: they cost on every C-FIND answer and P-DATA
 _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import generate_uid
 
 from tests.conftest import EdgeNode
 from tests.dicom_factory import DX_STORAGE, make_dx

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import DCMTK, EdgeNode
+from tests.conftest import DCMTK
 from tests.dicom_factory import make_dx
 from tests.edge.helpers import echo_succeeds, outbox_rows_for, query, spool_files, temp_files
 from tests.edge.test_dicom_ingest import dataset_bytes

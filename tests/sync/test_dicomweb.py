@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,18 +30,13 @@ from sync.dicomweb import (
     json_value,
 )
 from tests.dicom_factory import make_dx
-from tests.peers.orthanc import OrthancPeer, start_orthanc
+from tests.peers.orthanc import OrthancPeer
 
 T = TypeVar("T")
 TIMEOUT = aiohttp.ClientTimeout(total=15, connect=3)
 DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR: a DR's own, not a report
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[OrthancPeer]:
-    peer = start_orthanc(tmp_path)
-    yield peer
-    peer.kill()  # nothing to keep: quicker than a clean shutdown
 
 
 def run(make: Callable[[DicomWebClient], Awaitable[T]], base_url: str, timeout: aiohttp.ClientTimeout = TIMEOUT) -> T:

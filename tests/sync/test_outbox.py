@@ -6,7 +6,6 @@ sync``); faults come from tests/peers/fault_proxy.py between the node and Orthan
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -22,17 +21,12 @@ from pydicom.data import get_testdata_file
 from tests.conftest import EdgeNode, edge_cli
 from tests.dicom_factory import make_dx
 from tests.peers.fault_proxy import FaultProxy
-from tests.peers.orthanc import OrthancPeer, start_orthanc
+from tests.peers.orthanc import OrthancPeer
 
 FAST_SYNC = {"retry_min_s": 0.2, "retry_max_s": 1.0, "poll_interval_s": 0.5, "compress": "none"}
 FAST_REPORTS = {"enabled": False}
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[OrthancPeer]:
-    peer = start_orthanc(tmp_path)
-    yield peer
-    peer.kill()
 
 
 @pytest.fixture
@@ -104,9 +98,7 @@ def test_sync_state_moves_pending_then_sending_then_synced(
     assert dicom.storescu(*files).returncode == 0
     assert [s["sync_state"] for s in dicom.studies()] == ["pending"]
 
-    sync = EdgeNode(dicom.tmp, ("serve", "sync"), **sections)
-    sync.config = dicom.config  # the same node: one edge.toml, one data dir
-    sync.start()
+    sync = node_factory.another_service(dicom, ("serve", "sync")).start()  # the same node: one edge.toml
     seen: list[str] = []
 
     def observe() -> bool:
@@ -232,9 +224,7 @@ def test_sync_killed_mid_upload_resumes_and_stores_each_instance_once(
     files = dx_series(tmp_path / "a", 6, size=512)
     assert dicom.storescu(*files).returncode == 0
     proxy.set_mode("slow", bps=200_000)
-    sync = EdgeNode(dicom.tmp, ("serve", "sync"), **sections)
-    sync.config = dicom.config
-    sync.start()
+    sync = node_factory.another_service(dicom, ("serve", "sync")).start()
     wait_until(lambda: any(r.is_stow and r.body_bytes > 100_000 for r in proxy.requests), what="an upload under way")
     sync.kill()  # power cut in the middle of a request body
     proxy.set_mode("pass")

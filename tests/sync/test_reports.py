@@ -26,14 +26,13 @@ from sync.tables import Report, ReportPoll
 from tests.dicom_factory import make_dx
 from tests.peers.orthanc import OrthancPeer
 
-# The shared Orthanc fixture and the report makers live with the client's tests.
-from tests.sync.test_dicomweb import (  # noqa: F401  (orthanc is a fixture)
+# The report makers live with the client's tests; the Orthanc fixture is in conftest.py.
+from tests.sync.test_dicomweb import (
     DOSE_SR,
     TIMEOUT,
     make_pdf_report,
     make_text_sr,
     misbehaving_server,
-    orthanc,
     tiny_pdf,
 )
 

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
 
 from tests.conftest import EdgeNode
-from tests.peers.orthanc import OrthancPeer, start_orthanc
+from tests.peers.orthanc import OrthancPeer
 from tests.sync.test_outbox import FAST_REPORTS, FAST_SYNC, all_synced, dx_series, uids, wait_until
 
 DISK_MB = 40
@@ -32,11 +31,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[OrthancPeer]:
-    peer = start_orthanc(tmp_path)
-    yield peer
-    peer.kill()
 
 
 def spool_files(node: EdgeNode) -> set[str]:
