@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from peewee import (
+    AutoField,
     BigIntegerField,
     BooleanField,
     CharField,
@@ -24,6 +25,8 @@ def utcnow() -> dt.datetime:
 
 
 class StoreModel(Model):
+    id = AutoField()  # what peewee adds anyway; declared so type checkers know it
+
     class Meta:
         database = database
         legacy_table_names = False
