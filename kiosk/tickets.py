@@ -9,8 +9,6 @@ lookup and print lands in the audit log (time, code, outcome, never the PIN).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import logging
 import secrets
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ from pathlib import Path
 
 from peewee import fn
 
+from edge.check_digit import luhn_digit, luhn_ok
+from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
 from edge.store.db import write_transaction
 from edge.store.models import Study, utcnow
 from kiosk.const import CODE_DIGITS, COUNTED_PRINTS, FAILED_LOOKUPS
@@ -29,7 +29,6 @@ log.addHandler(logging.NullHandler())
 
 # scrypt cost: ~16 MiB and ~50 ms per check on the box; a stolen database costs an
 # attacker that much per guess, and the PIN space is small, so lockout does the real work.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 
 @dataclass(frozen=True)
@@ -82,25 +81,12 @@ class TicketReport:
 # ---------------------------------------------------------------------- codes and PINs
 
 
-def luhn_digit(digits: str) -> str:
-    """The Luhn check digit for ``digits``: catches one mistyped digit or a swapped pair."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 0:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return str((10 - total % 10) % 10)
-
-
 def normalise_code(text: str) -> str | None:
     """The slip code from what was scanned or typed (spaces, dashes dropped), or None if malformed."""
     code = "".join(ch for ch in text if not ch.isspace() and ch != "-")
     if len(code) != CODE_DIGITS or not code.isdigit() or not code.isascii():
         return None
-    return code if luhn_digit(code[:-1]) == code[-1] else None
+    return code if luhn_ok(code) else None
 
 
 def _new_code() -> str:
@@ -108,22 +94,6 @@ def _new_code() -> str:
     return body + luhn_digit(body)
 
 
-def hash_pin(pin: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(pin.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
-
-
-def pin_matches(pin: str, stored: str) -> bool:
-    try:
-        _, n, r, p, salt, digest = stored.split("$")
-        got = hashlib.scrypt(pin.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(got.hex(), digest)
-
-
-_DUMMY_HASH = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'00' * 16}${'00' * 32}"
 
 
 def issue_ticket(
@@ -144,7 +114,7 @@ def issue_ticket(
     if not patient_name.strip():
         raise ValueError("patient name is required")
     pin = "".join(secrets.choice("0123456789") for _ in range(pin_digits))
-    pin_hash = hash_pin(pin)
+    pin_hash = hash_secret(pin)
     now = utcnow()
     expires = now + dt.timedelta(days=valid_days)
     for _ in range(20):
@@ -207,13 +177,13 @@ def look_up(code_text: str, pin: str, client: str, settings: GuardSettings, data
         return Lookup("bad_code")
     ticket = Ticket.get_or_none(Ticket.code == code)
     if ticket is None:
-        pin_matches(pin, _DUMMY_HASH)  # same time as a real check: no oracle for which codes exist
+        secret_matches(pin, DUMMY_HASH)  # same time as a real check: no oracle for which codes exist
         _audit_lookup(code, None, client, "unknown_code")
         return Lookup("unknown_code")
     if ticket.locked_until is not None and ticket.locked_until > now:
         _audit_lookup(code, ticket.id, client, "locked")
         return Lookup("locked", ticket.id, wait_s=(ticket.locked_until - now).total_seconds())
-    if not pin_matches(pin, ticket.pin_hash):
+    if not secret_matches(pin, ticket.pin_hash):
         return _wrong_pin(ticket.id, code, client, settings)
     if ticket.expires_at <= now:
         _audit_lookup(code, ticket.id, client, "expired")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from edge.console.tables import ConsoleSession, ConsoleUser
 from edge.orders.tables import audit
+from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
 from edge.store.db import write_transaction
 from edge.store.models import utcnow
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 
 ROLES = ("technician", "admin")
 # scrypt at ~16 MiB and ~50 ms a check: affordable per login, costly per guess.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 MIN_PASSWORD = 8
 _USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
@@ -33,22 +33,6 @@ class AccountError(ValueError):
     """Shown to the admin or technician as it is."""
 
 
-def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, dklen=32)
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
-
-
-def password_matches(password: str, stored: str) -> bool:
-    try:
-        _, n, r, p, salt, digest = stored.split("$")
-        got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(got.hex(), digest)
-
-
-_DUMMY = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'00' * 16}${'00' * 32}"
 
 
 def check_new_password(password: str) -> None:
@@ -63,7 +47,7 @@ def add_user(name: str, role: str, password: str, by: str = "cli") -> ConsoleUse
     if role not in ROLES:
         raise AccountError(f"role must be one of: {', '.join(ROLES)}")
     check_new_password(password)
-    hashed = hash_password(password)
+    hashed = hash_secret(password)
     with write_transaction():
         if ConsoleUser.get_or_none(ConsoleUser.name == name) is not None:
             raise AccountError(f"user {name!r} already exists")
@@ -75,7 +59,7 @@ def add_user(name: str, role: str, password: str, by: str = "cli") -> ConsoleUse
 
 def set_password(name: str, password: str, by: str = "cli") -> None:
     check_new_password(password)
-    hashed = hash_password(password)
+    hashed = hash_secret(password)
     with write_transaction():
         n = ConsoleUser.update(password_hash=hashed, failed_logins=0, locked_until=None).where(
             ConsoleUser.name == name).execute()
@@ -116,7 +100,7 @@ def log_in(name: str, password: str, max_failures: int, lockout_minutes: float, 
     now = utcnow()
     user = ConsoleUser.get_or_none(ConsoleUser.name == name)
     if user is None or user.disabled:
-        password_matches(password, _DUMMY)  # same time as a real check: no oracle for user names
+        secret_matches(password, DUMMY_HASH)  # same time as a real check: no oracle for user names
         with write_transaction():
             audit(name or "?", "login_failed", detail="unknown or disabled user", client=client)
         log.info("console: login from %s failed: unknown or disabled user", client)
@@ -127,7 +111,7 @@ def log_in(name: str, password: str, max_failures: int, lockout_minutes: float, 
             audit(name, "login_locked", detail="account locked", client=client)
         return LoginResult(False, f"Too many wrong passwords: this account is locked for about {minutes} more "
                                   "minute(s). An admin can unlock it now.")
-    if not password_matches(password, user.password_hash):
+    if not secret_matches(password, user.password_hash):
         with write_transaction():
             failed = ConsoleUser.get_by_id(user.id).failed_logins + 1
             locked = failed >= max_failures

@@ -8,22 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+from edge.check_digit import luhn_ok
+
 
 class BadIdNumber(ValueError):
     """The message is shown to the technician as it is."""
-
-
-def luhn_ok(digits: str) -> bool:
-    """The Luhn check over all digits (the last one is the check digit)."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
 
 
 def birth_date(id_number: str, today: dt.date | None = None) -> dt.date:
