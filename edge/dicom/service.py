@@ -28,7 +28,6 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     _config,
     evt,
-    service_class,
 )
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
@@ -40,7 +39,7 @@ from pynetdicom.transport import (
 from pynetdicom.utils import make_target
 
 from edge.config import EdgeConfig
-from edge.dicom import receive_file
+from edge.dicom import find_responses, receive_file
 from edge.dicom.const import (
     ACSE_TIMEOUT_S,
     STATUS_OUT_OF_RESOURCES,
@@ -62,18 +61,8 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 # on copy (~100 ms per association on the clinic box). UIDs are immutable strings, so a copy
 # may be the same object.
 UID.__deepcopy__ = lambda self, memo: self  # type: ignore[method-assign,assignment]
-receive_file.install()
-_encode = service_class.encode
-
-
-def _encode_answer(ds: Dataset, *args: Any, **kwargs: Any) -> bytes | None:
-    """pynetdicom's identifier encoder, passing pre-encoded worklist answers through."""
-    if isinstance(ds, worklist.EncodedAnswer):
-        return ds.encoded  # type: ignore[no-any-return]
-    return _encode(ds, *args, **kwargs)
-
-
-service_class.encode = _encode_answer  # a disk that fills mid-transfer gets 0xA700, not an abort
+receive_file.install()  # a disk that fills mid-transfer gets 0xA700, not an abort
+find_responses.install()  # a 500-item worklist answer without 500 rebuilt command sets
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU and per-message debug handlers: they cost on every C-FIND answer and P-DATA
 _config.LOG_RESPONSE_IDENTIFIERS = False

@@ -207,7 +207,7 @@ def _encoded(item: WorklistItem, implicit_vr: bool) -> bytes:
 class EncodedAnswer(Dataset):
     """A worklist answer already encoded in the association's transfer syntax.
 
-    pynetdicom encodes every C-FIND identifier it sends; ``edge.dicom.service`` teaches
+    pynetdicom encodes every C-FIND identifier it sends; ``edge.dicom.find_responses`` teaches
     its encoder to hand these bytes over as they are (a busy DR asks for 500 items).
     """
 

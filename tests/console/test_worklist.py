@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from tests.conftest import EdgeNode
 from tests.console.conftest import ADMIN, ADMIN_PASSWORD
@@ -92,3 +97,37 @@ def test_malformed_worklist_query_gets_a_clean_failure_and_the_node_stays_up(cno
     assert good.returncode == 0 and len(find_answers(cnode)) == 2
     assert "Traceback" not in cnode.log_text()
     assert "worklist query from DR refused (status 0xA900)" in cnode.log_text()
+
+
+def test_two_queries_on_one_association_each_get_their_own_answers(cnode: EdgeNode) -> None:
+    """A DR that keeps its association open: every answer names the query it belongs to."""
+    _registered(cnode)
+    seen: list[tuple[int, int]] = []  # (message id responded to, status) of every C-FIND-RSP, as received
+
+    def on_received(event: Any) -> None:
+        command = event.message.command_set
+        if command.CommandField == 0x8020:
+            seen.append((int(command.MessageIDBeingRespondedTo), int(command.Status)))
+
+    ae = AE(ae_title="DR")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", cnode.port, ae_title=cnode.ae_title,
+                         evt_handlers=[(evt.EVT_DIMSE_RECV, on_received)])
+    assert assoc.is_established
+    try:
+        def ask(modality: str, message_id: int) -> list[str]:
+            query = Dataset()
+            query.PatientID = ""
+            step = Dataset()
+            step.Modality = modality
+            query.ScheduledProcedureStepSequence = [step]
+            answers = list(assoc.send_c_find(query, ModalityWorklistInformationFind, msg_id=message_id))
+            assert [int(status.Status) for status, _ in answers][-1] == 0x0000
+            return sorted(str(ds.PatientID) for status, ds in answers if int(status.Status) == 0xFF00)
+
+        assert ask("DX", 7) == ["8001015009087", "F-1234"]
+        assert ask("ECG", 8) == ["F-77"]
+        assert ask("DX", 9) == ["8001015009087", "F-1234"]
+    finally:
+        assoc.release()
+    assert seen == [(7, 0xFF00), (7, 0xFF00), (7, 0), (8, 0xFF00), (8, 0), (9, 0xFF00), (9, 0xFF00), (9, 0)]
