@@ -167,7 +167,12 @@ def _ecg_panel(boxes: Sequence[dict[str, Any]], orders: Sequence[VisitRow], csrf
         battery = f'{box["battery_pct"]}%' if box.get("battery_pct") is not None else "?"
         leads = ", ".join(box.get("lead_off") or [])
         status = ("connected" if box["connected"] else "not connected") + (" · recording" if box.get("recording") else "")
-        lead_text = f'<span class="problem">Electrode off: {e(leads)}</span>' if leads else '<span class="ok">Electrodes on</span>'
+        if not box["connected"]:
+            lead_text = '<span class="muted">electrodes unknown</span>'  # a box that is away says nothing
+        elif leads:
+            lead_text = f'<span class="problem">Electrode off: {e(leads)}</span>'
+        else:
+            lead_text = '<span class="ok">Electrodes on</span>'
         form = (
             f'<form method="post" action="/ecg/arm">{csrf_field(csrf)}<input type="hidden" name="box" value="{e(box["box_id"])}">'
             f'<select name="order" required><option value="">Patient for the next ECG…</option>{options}</select>'
@@ -182,13 +187,15 @@ def _ecg_panel(boxes: Sequence[dict[str, Any]], orders: Sequence[VisitRow], csrf
 
 def today_page(clinic: str, user: str, role: str, csrf: str, rows: Sequence[VisitRow],
                unmatched: Sequence[UnmatchedStudy], boxes: Sequence[dict[str, Any]], refresh_s: float,
-               message: str = "", error: str = "") -> str:
+               message: str = "", error: str = "", box_signature: str = "") -> str:
     table = "".join(visit_row(r, csrf) for r in rows) or (
         '<tr><td colspan="5" class="muted">No visits yet today. Press “Register patient”.</td></tr>')
     body = (
         f'{notice(message)}{notice(error, "error")}'
         f'{_unmatched(unmatched, rows, csrf)}'
-        f'<section class="card"><h1>Today’s visits <small id="count">{len(rows)}</small></h1>'
+        # What this page shows of the unmatched list and the boxes: the script reloads when they change.
+        f'<section class="card" id="visits" data-unmatched="{e(",".join(u.study_instance_uid for u in unmatched))}"'
+        f' data-boxes="{e(box_signature)}"><h1>Today’s visits <small id="count">{len(rows)}</small></h1>'
         '<table class="visits"><thead><tr><th>Time</th><th>Patient</th><th>Exam</th><th>Where it is</th><th></th></tr></thead>'
         f'<tbody>{table}</tbody></table></section>'
         f'{_ecg_panel(boxes, rows, csrf)}'

@@ -212,26 +212,30 @@ def _today_data() -> tuple[list[VisitRow], list[Any], list[dict[str, Any]]]:
     return visits_for_day(), unmatched_studies(), box_summaries()
 
 
+def _box_signature(boxes: list[dict[str, Any]]) -> str:
+    """What of the ECG panel, when it changes, makes the open Today page reload."""
+    return ";".join(f'{b["box_id"]}:{b["connected"]}:{b["recording"]}:{b["battery_pct"]}:{",".join(b["lead_off"])}:'
+                    f'{b["armed"]}' for b in boxes)
+
+
 async def today(request: web.Request) -> web.StreamResponse:
     ctx, session = _ctx(request), _session(request)
     rows, unmatched, boxes = await asyncio.to_thread(_today_data)
     return _html(pages.today_page(
         ctx.config.node.name, session.user, session.role, session.csrf, rows, unmatched, boxes,
         ctx.config.console.refresh_s, pages.MESSAGES.get(request.query.get("msg", ""), ""),
-        request.query.get("error", "")[:200],
+        request.query.get("error", "")[:200], box_signature=_box_signature(boxes),
     ))
 
 
 async def api_today(request: web.Request) -> web.StreamResponse:
     """Small: one signature per visit; the page asks for the rows whose signature changed."""
     rows, unmatched, boxes = await asyncio.to_thread(_today_data)
-    box_sig = ";".join(f'{b["box_id"]}:{b["connected"]}:{b["battery_pct"]}:{",".join(b["lead_off"])}:{b["armed"]}'
-                       for b in boxes)
     return web.json_response({
         "visits": {str(r.order_id): r.signature for r in rows},
         "order": [r.order_id for r in rows],
         "unmatched": [u.study_instance_uid for u in unmatched],
-        "boxes": box_sig,
+        "boxes": _box_signature(boxes),
     })
 
 

@@ -4,7 +4,9 @@
   var body = document.body;
   if (body.dataset.page !== "today" || !body.dataset.refresh) return;
   var every = parseFloat(body.dataset.refresh) * 1000;
-  var known = {}, unmatched = null, boxes = null;
+  // The unmatched studies and boxes as rendered: a change after that (even before the first poll) reloads.
+  var shown = document.getElementById("visits");
+  var known = {}, unmatched = shown ? shown.dataset.unmatched : null, boxes = shown ? shown.dataset.boxes : null;
   document.querySelectorAll("tr[data-order]").forEach(function (tr) { known[tr.dataset.order] = tr.dataset.sig; });
 
   function busy() {
@@ -38,8 +40,10 @@
         var u = data.unmatched.join(","), b = data.boxes;
         if ((unmatched !== null && u !== unmatched) || (boxes !== null && b !== boxes)) {
           if (!busy()) { window.location.reload(); return; }
+          // busy: keep what is shown as the baseline, so the reload comes once the field is left
+        } else {
+          unmatched = u; boxes = b;
         }
-        unmatched = u; boxes = b;
         var changed = [];
         Object.keys(data.visits).forEach(function (id) {
           if (known[id] !== data.visits[id]) changed.push(id);
