@@ -12,6 +12,10 @@ ready). Then, with a logged-in HTTP client:
   wall time per query including findscu's own start-up, beside DCMTK's `wlmscpfs` serving
   the same 500 items from worklist files (the stock file-based worklist SCP), and
   `findscu` against a query with no matches (the floor: process start + association).
+  findscu writes each answer to a file (`-X`, so the count is checked) in a tmpfs when
+  there is one (/dev/shm): a DR keeps its worklist in memory, and 500 file writes on a
+  slow disk would time the disk, not the worklist server. The server's own CPU time per
+  query (from /proc) is printed beside it: it does not move with other load on the box.
 
     .venv/bin/python bench/console.py              # 500 visits, 50 requests / 20 queries
     .venv/bin/python bench/console.py --visits 100 --requests 20
@@ -92,8 +96,23 @@ def time_get(client: ConsoleClient, path: str, n: int) -> list[float]:
     return out
 
 
-def time_find(port: int, aet: str, keys: list[str], n: int, expect: int, workdir: Path) -> list[float]:
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a server has used so far, with its finished children (wlmscpfs forks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def scratch_dir(tmp: Path, name: str) -> Path:
+    """Where findscu writes its answers: a tmpfs when the machine has one."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix=f"edge-bench-{name}-", dir=shm if shm.is_dir() else tmp))
+
+
+def time_find(port: int, aet: str, keys: list[str], n: int, expect: int, workdir: Path,
+              server_pid: int | None = None) -> tuple[list[float], float | None]:
+    """Wall time per query, and the server's CPU milliseconds per query (None without a pid)."""
     out = []
+    cpu_before = cpu_ms(server_pid) if server_pid else 0.0
     for _ in range(n):
         for old in workdir.glob("rsp*.dcm"):
             old.unlink()
@@ -105,10 +124,10 @@ def time_find(port: int, aet: str, keys: list[str], n: int, expect: int, workdir
         out.append((time.perf_counter() - start) * 1000)
         got = len(list(workdir.glob("rsp*.dcm")))
         assert result.returncode == 0 and got == expect, (result.returncode, got, expect, result.stderr[-500:])
-    return out
+    return out, ((cpu_ms(server_pid) - cpu_before) / n if server_pid else None)
 
 
-def wlmscpfs_baseline(tmp: Path, n: int, keys: list[str], expect: int) -> list[float] | None:
+def wlmscpfs_baseline(tmp: Path, n: int, keys: list[str], expect: int) -> tuple[list[float], float | None] | None:
     """The same worklist items as DCMTK worklist files, served by wlmscpfs."""
     if not Path(WLMSCPFS).exists():
         return None
@@ -136,20 +155,23 @@ def wlmscpfs_baseline(tmp: Path, n: int, keys: list[str], expect: int) -> list[f
                             stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port, proc=proc)
-        work = tmp / "find-wl"
-        work.mkdir()
-        # wlmscpfs needs the date key to be present to match on it; same filters as ours.
-        time_find(port, "WLM", keys, 1, expect, work)
-        return time_find(port, "WLM", keys, n, expect, work)
+        work = scratch_dir(tmp, "find-wl")
+        try:
+            time_find(port, "WLM", keys, 1, expect, work)  # warm-up: wlmscpfs reads its files
+            return time_find(port, "WLM", keys, n, expect, work, proc.pid)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-def line(name: str, values: list[float], goal: float | None = None) -> str:
+def line(name: str, values: list[float], goal: float | None = None, cpu: float | None = None) -> str:
     p95 = pct(values, 95)
     verdict = "" if goal is None else ("  goal < %.0f ms: %s" % (goal, "MET" if p95 < goal else "MISSED"))
-    return f"  {name:46} p50 {statistics.median(values):7.1f} ms   p95 {p95:7.1f} ms   (n={len(values)}){verdict}"
+    server = "" if cpu is None else f"   server CPU {cpu:6.1f} ms/query"
+    return (f"  {name:46} p50 {statistics.median(values):7.1f} ms   p95 {p95:7.1f} ms   (n={len(values)})"
+            f"{server}{verdict}")
 
 
 def main() -> int:
@@ -184,10 +206,12 @@ def main() -> int:
         keys = [f"{sps}.Modality=DX", f"{sps}.ScheduledProcedureStepStartDate={today}", "PatientName", "PatientID",
                 "AccessionNumber", "StudyInstanceUID", f"{sps}.ScheduledStationAETitle"]
         expect = args.visits
-        work = tmp / "find"
-        work.mkdir()
-        ours = time_find(node.port, node.ae_title, keys, args.queries, expect, work)
-        empty = time_find(node.port, node.ae_title, [f"{sps}.Modality=CR"], args.queries, 0, work)
+        work = scratch_dir(tmp, "find")
+        pid = node.proc.pid if node.proc is not None else None
+        cold, _ = time_find(node.port, node.ae_title, keys, 1, expect, work)  # encodes every item once
+        ours, ours_cpu = time_find(node.port, node.ae_title, keys, args.queries, expect, work, pid)
+        empty, empty_cpu = time_find(node.port, node.ae_title, [f"{sps}.Modality=CR"], args.queries, 0, work, pid)
+        shutil.rmtree(work, ignore_errors=True)
         node.stop()
         node = None
         baseline = wlmscpfs_baseline(tmp, args.queries, keys, expect)
@@ -196,10 +220,11 @@ def main() -> int:
         print(line("GET /  (full page)", page_times, 200))
         print(line("GET /api/today  (live-state poll)", api_times, 200))
         print(f"\nworklist C-FIND answered with {expect} items (DCMTK findscu -W wall time, incl. its start-up):")
-        print(line("our node (pynetdicom MWL SCP)", ours, 200))
+        print(line("our node (pynetdicom MWL SCP)", ours, 200, ours_cpu))
+        print(f"  {'our node, first query after start (encodes all)':46} {cold[0]:7.1f} ms")
         if baseline is not None:
-            print(line("DCMTK wlmscpfs, same items from .wl files", baseline))
-        print(line("our node, query matching nothing (floor)", empty))
+            print(line("DCMTK wlmscpfs, same items from .wl files", *baseline[:1], cpu=baseline[1]))
+        print(line("our node, query matching nothing (floor)", empty, cpu=empty_cpu))
         return 0
     finally:
         if node is not None:

@@ -10,6 +10,7 @@ lock and tell the rest of the node through ``on_kept`` (thread-safe callback).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -95,6 +96,7 @@ def _recv_exactly(assoc_sock: AssociationSocket, nr_bytes: int) -> bytearray:
     while nr_read < nr_bytes:
         if nr_read == len(buffer):
             buffer.extend(bytes(min(nr_bytes - nr_read, _RECV_GROW_BYTES)))
+        _ack_at_once(sock)
         with memoryview(buffer) as view:
             got = sock.recv_into(view[nr_read:])
         if not got:
@@ -102,6 +104,21 @@ def _recv_exactly(assoc_sock: AssociationSocket, nr_bytes: int) -> bytearray:
         nr_read += got
     del buffer[nr_read:]
     return buffer
+
+
+def _ack_at_once(sock: socket.socket) -> None:
+    """Acknowledge what arrives without the kernel's delayed ACK (Linux; re-armed before every read).
+
+    DCMTK sends a PDU header and its body as two small writes with Nagle on: the body waits
+    for our ACK of the header, and a delayed ACK holds it ~40 ms. That stall sat in every
+    worklist query and every echo.
+    """
+    if _TCP_QUICKACK is not None:
+        with contextlib.suppress(OSError):  # not TCP, or the peer is gone: the read will tell
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _RequestHandler(RequestHandler):
@@ -112,6 +129,8 @@ class _RequestHandler(RequestHandler):
         sock = assoc.dul.socket
         if sock is not None:
             sock.recv = partial(_recv_exactly, sock)  # type: ignore[method-assign]
+            with contextlib.suppress(OSError):  # our answers go out as written, not held for an ACK
+                cast(socket.socket, sock.socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return assoc
 
 
