@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,3 +34,25 @@ def console_node(node_factory: Any, **sections: dict[str, Any]) -> EdgeNode:
 @pytest.fixture
 def cnode(node_factory: Any) -> EdgeNode:
     return console_node(node_factory)
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh Chromium tab (own cookies) on the module's browser."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.set_default_timeout(15000)
+    expect.set_options(timeout=15000)
+    yield tab
+    context.close()
+
+
+def log_in(page: Any, node: EdgeNode, user: str, password: str) -> None:
+    """What a technician does at the clinic PC: open the console, get the login page, sign in."""
+    page.goto(f"http://127.0.0.1:{node.console_port}/")
+    assert page.url.endswith("/login")  # not logged in: the console sends you to the login page
+    page.fill("#user", user)
+    page.fill("#password", password)
+    page.click("#login")

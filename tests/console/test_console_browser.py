@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import EdgeNode
-from tests.console.conftest import ADMIN, TECH, TECH_PASSWORD, console_node
+from tests.console.conftest import ADMIN, TECH, TECH_PASSWORD, console_node, log_in
 from tests.console.helpers import ConsoleClient
 from tests.dicom_factory import make_dx
 from tests.edge.helpers import query, storescu
@@ -33,28 +33,11 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancPeer]:
     peer.kill()
 
 
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15000)
-    yield page
-    context.close()
-
-
 def _later_window() -> str:
     """A routine window that is not now: routine images wait, STAT ones go."""
     start = dt.datetime.now() + dt.timedelta(hours=3)
     end = start + dt.timedelta(hours=1)
     return f"{start:%H:%M}-{end:%H:%M}"
-
-
-def _log_in(page: Any, node: EdgeNode, user: str, password: str) -> None:
-    page.goto(f"http://127.0.0.1:{node.console_port}/")
-    assert page.url.endswith("/login")  # not logged in: the console sends you to the login page
-    page.fill("#user", user)
-    page.fill("#password", password)
-    page.click("#login")
 
 
 def test_technician_registers_scans_marks_stat_and_watches_it_reach_the_cloud(
@@ -67,7 +50,7 @@ def test_technician_registers_scans_marks_stat_and_watches_it_reach_the_cloud(
         console={"refresh_s": 1.0},
     )
     base = f"http://127.0.0.1:{node.console_port}"
-    _log_in(page, node, TECH, TECH_PASSWORD)
+    log_in(page, node, TECH, TECH_PASSWORD)
     page.wait_for_selector("text=Today’s visits")
 
     # Register: a mistyped SA ID number is refused with a message beside the field.
@@ -123,21 +106,21 @@ def test_technician_registers_scans_marks_stat_and_watches_it_reach_the_cloud(
 
 def test_wrong_passwords_lock_the_account_until_it_is_unlocked(cnode: EdgeNode, page: Any) -> None:
     for attempt in range(5):
-        _log_in(page, cnode, TECH, f"wrong-{attempt}")
+        log_in(page, cnode, TECH, f"wrong-{attempt}")
         message = page.inner_text(".notice.error")
     assert "locked for 15 minutes" in message
-    _log_in(page, cnode, TECH, TECH_PASSWORD)  # even the right password, while locked
+    log_in(page, cnode, TECH, TECH_PASSWORD)  # even the right password, while locked
     assert "locked" in page.inner_text(".notice.error") and page.url.endswith("/login")
     subprocess.run([sys.executable, "-m", "edge", "--config", str(cnode.config), "user", "unlock", TECH],
                    check=True, capture_output=True, timeout=60)
-    _log_in(page, cnode, TECH, TECH_PASSWORD)
+    log_in(page, cnode, TECH, TECH_PASSWORD)
     page.wait_for_selector("text=Today’s visits")
     outcomes = [d for (d,) in query(cnode, "SELECT detail FROM order_audit WHERE action LIKE 'login%' AND user = ?", TECH)]
     assert outcomes.count("wrong password") == 4 and "wrong password; account locked" in outcomes
 
 
 def test_a_post_without_the_csrf_token_is_refused(cnode: EdgeNode, page: Any) -> None:
-    _log_in(page, cnode, ADMIN, "admin-pass-1")
+    log_in(page, cnode, ADMIN, "admin-pass-1")
     page.wait_for_selector("text=Today’s visits")
     page.click("text=+ Register patient")
     # A form whose token was stripped (what a cross-site form would send): 403, nothing registered.

@@ -26,8 +26,7 @@ import pytest
 from playwright.sync_api import expect
 from pydicom import dcmread
 
-from tests.conftest import EdgeNode
-from tests.console.conftest import TECH, TECH_PASSWORD, console_node
+from tests.console.conftest import TECH, TECH_PASSWORD, console_node, log_in
 from tests.edge.helpers import query
 
 GOOD_BOX, LEAD_OFF_BOX = "ECG-ROOM-1", "ECG-ROOM-2"
@@ -77,25 +76,6 @@ def boxes(tmp_path: Path) -> Iterator[Boxes]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(15000)
-    expect.set_options(timeout=15000)
-    yield page
-    context.close()
-
-
-def _log_in(page: Any, node: EdgeNode) -> None:
-    page.goto(f"http://127.0.0.1:{node.console_port}/")
-    assert page.url.endswith("/login")
-    page.fill("#user", TECH)
-    page.fill("#password", TECH_PASSWORD)
-    page.click("#login")
-    page.wait_for_selector("text=Today’s visits")
-
-
 def test_technician_arms_an_ecg_box_and_the_recording_lands_on_the_patients_visit(
     node_factory: Any, boxes: Boxes, page: Any, tmp_path: Path
 ) -> None:
@@ -111,7 +91,8 @@ def test_technician_arms_an_ecg_box_and_the_recording_lands_on_the_patients_visi
     good = boxes.plug_in(good_link, GOOD_BOX, "--record-every", "0")
     boxes.plug_in(lead_off_link, LEAD_OFF_BOX, "--record-every", "0", "--inject", "lead-off")
 
-    _log_in(page, node)
+    log_in(page, node, TECH, TECH_PASSWORD)
+    page.wait_for_selector("text=Today’s visits")
     page.click("text=+ Register patient")
     page.fill("#surname", "Molefe")
     page.fill("#given_names", "Lerato")
