@@ -68,14 +68,15 @@ def p_data_units(context_id: int, command: bytes, identifier: bytes, max_pdu: in
     """The P-DATA primitives for one response: a single PDU when command and identifier fit."""
     if max_pdu == 0 or len(command) + len(identifier) + 2 * _PDV_OVERHEAD <= max_pdu:
         pdata = P_DATA()
-        pdata.presentation_data_value_list = [[context_id, _COMMAND_LAST + command],
-                                              [context_id, _DATA_LAST + identifier]]
+        # pynetdicom types the items as tuples but its setter accepts only [id, bytes] lists
+        pdvs: list[Any] = [[context_id, _COMMAND_LAST + command], [context_id, _DATA_LAST + identifier]]
+        pdata.presentation_data_value_list = pdvs
         return [pdata]
     units = []
     for pdv in (_fragments(_COMMAND_MORE, _COMMAND_LAST, command, max_pdu)
                 + _fragments(_DATA_MORE, _DATA_LAST, identifier, max_pdu)):
         pdata = P_DATA()
-        pdata.presentation_data_value_list = [[context_id, pdv]]
+        pdata.presentation_data_value_list = [[context_id, pdv]]  # type: ignore[list-item]
         units.append(pdata)
     return units
 
