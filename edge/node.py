@@ -28,6 +28,14 @@ class StartupError(Exception):
 def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
     """Each package is imported only when its service runs: ``edge serve dicom`` stays small."""
     spool = Spool(config.data_dir)
+    storage = config.storage
+
+    def make_room() -> object:
+        """Retention on demand: evict what the cloud holds when a C-STORE or an ECG finds the disk short."""
+        from sync.retention import enforce_retention
+
+        return enforce_retention(spool, storage.retention_days, storage.high_water_free_mb)
+
     services: list[Service] = []
     sync_service = None
     if "sync" in names:
@@ -41,7 +49,6 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
             services.append(sync_service)
         elif name == "dicom":
             from edge.dicom.service import DicomService
-            from sync.retention import enforce_retention
 
             report = reconcile(spool)
             log.info(
@@ -52,15 +59,14 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
                 report.rows_missing_file,
             )
             on_kept = (lambda kept: sync_service.wake()) if sync_service is not None else None
-            storage = config.storage
-            services.append(DicomService(
-                config, spool, on_kept=on_kept,
-                make_room=lambda: enforce_retention(spool, storage.retention_days, storage.high_water_free_mb),
-            ))
+            services.append(DicomService(config, spool, on_kept=on_kept, make_room=make_room))
         elif name == "bridge":  # ECG boxes; idles when no port is configured or plugged in
             from firmware_bridge.service import BridgeService
 
-            services.append(BridgeService(config, spool, on_kept=(lambda kept: sync_service.wake()) if sync_service is not None else None))
+            services.append(BridgeService(
+                config, spool, on_kept=(lambda kept: sync_service.wake()) if sync_service is not None else None,
+                make_room=make_room,  # as for a C-STORE: evict what the cloud holds before refusing a recording
+            ))
         elif name == "kiosk":
             from kiosk.app import KioskService
 

@@ -120,8 +120,10 @@ def recording_finished(box_id: str, rec_id: int, state: str, consumed_arming: in
                        **values: Any) -> None:
     """Close a recording row; when it was kept for an armed order, the arming is used up."""
     with write_transaction():
-        EcgRecording.update(state=state, ended_at=utcnow(), **values).where(
+        updated = EcgRecording.update(state=state, ended_at=utcnow(), **values).where(
             EcgRecording.box_id == box_id, EcgRecording.rec_id == rec_id).execute()
+        if not updated:  # its start could not be noted (a full disk then): the end still is
+            EcgRecording.create(box_id=box_id, rec_id=rec_id, state=state, ended_at=utcnow(), **values)
         if consumed_arming is not None:
             Arming.delete().where(Arming.id == consumed_arming).execute()
         log_event(f"ecg_recording_{state}", f"box {box_id} recording {rec_id}",

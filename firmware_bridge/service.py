@@ -21,11 +21,20 @@ class BridgeService:
 
     name = "bridge"
 
-    def __init__(self, config: EdgeConfig, spool: Spool, on_kept: Callable[[KeptInstance], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        spool: Spool,
+        on_kept: Callable[[KeptInstance], None] | None = None,
+        make_room: Callable[[], object] | None = None,
+    ) -> None:
+        """``make_room``: frees disk by evicting what the cloud already holds (retention), tried
+        before a recording is refused for ``[storage] min_free_mb``, as the DICOM service does."""
         self.config = config
         self.settings = config.bridge
         self.spool = spool
         self.on_kept = on_kept
+        self.make_room = make_room
         self.sessions: dict[str, BoxSession] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._scanner: asyncio.Task[None] | None = None
@@ -70,7 +79,8 @@ class BridgeService:
         for port in wanted:
             if port not in self._tasks:
                 session = self.sessions.get(port) or BoxSession(
-                    port, self.settings, self.spool, self.config.node.name, self.config.node.id, self.on_kept
+                    port, self.settings, self.spool, self.config.node.name, self.config.node.id, self.on_kept,
+                    min_free_mb=self.config.storage.min_free_mb, make_room=self.make_room,
                 )
                 self.sessions[port] = session
                 self._tasks[port] = asyncio.create_task(session.run(), name=f"bridge-{port}")

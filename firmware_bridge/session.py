@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import logging
 import os
 import tempfile
@@ -11,9 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import serial
 import serial_asyncio
+from peewee import DatabaseError
 
 from edge.store.spool import KeptInstance, RejectedInstance, Spool, keep_instance
 from firmware_bridge import boxes
@@ -42,10 +45,19 @@ from firmware_bridge.recording import Recording
 log = logging.getLogger(__name__)
 
 STATUS_WRITE_EVERY_S = 10.0  # unchanged STATUS is written this seldom (SD-card wear)
+DB_ERROR_LOG_EVERY_S = 60.0  # a full disk fails bookkeeping writes again and again: say so this seldom
 
 
 class PortGone(Exception):
     """The port closed under us (unplugged)."""
+
+
+class NotKept(Exception):
+    """A finished recording the node cannot keep now (disk full): the box is told NAK STORAGE."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -60,6 +72,7 @@ class SessionStats:
     bytes: int = 0
     kept: list[str] = field(default_factory=list)  # SOP Instance UIDs
     interrupted: int = 0
+    not_kept: int = 0  # finished recordings answered NAK STORAGE (the box keeps them)
 
 
 class BoxSession:
@@ -73,13 +86,21 @@ class BoxSession:
         institution: str = "",
         station: str = "",
         on_kept: Callable[[KeptInstance], None] | None = None,
+        *,
+        min_free_mb: int = 0,
+        make_room: Callable[[], object] | None = None,
     ) -> None:
+        """``min_free_mb``: ``[storage] min_free_mb``; under it a recording is refused (NAK STORAGE)
+        after ``make_room`` (retention: evict what the cloud holds) has been tried, as for a C-STORE."""
         self.port = port
         self.settings = settings
         self.spool = spool
         self.institution = institution
         self.station = station
         self.on_kept = on_kept
+        self.min_free_mb = min_free_mb
+        self.make_room = make_room
+        self._db_error_logged: float | None = None  # when a failed bookkeeping write was last logged
         self.stats = SessionStats()
         self.hello: Hello | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -115,6 +136,8 @@ class BoxSession:
                 await self._talk(reader, writer)
             except (PortGone, serial.SerialException, OSError, ConnectionError) as exc:
                 log.warning("bridge: port %s lost (%s); reconnecting", self.port, _reason(exc))
+            except Exception:  # a bug must not end the session for good: the box stays served
+                log.exception("bridge: unexpected error on %s; reopening the port", self.port)
             finally:
                 self._writer = None
                 writer.close()
@@ -154,7 +177,7 @@ class BoxSession:
             await self._interrupt("box fell silent")
         if self.hello is not None:
             log.info("bridge: box %s on %s silent for %.0f s", self.hello.box_id, self.port, self.settings.silence_s)
-            await asyncio.to_thread(boxes.note_disconnected, self.hello.box_id)
+            await self._note("the box's state", boxes.note_disconnected, self.hello.box_id)
             self.hello = None
         self._send(Msg.HOST_HELLO, host_hello())
 
@@ -201,7 +224,7 @@ class BoxSession:
         changed = self.hello is None or self.hello != hello
         self.hello = hello
         self._status_written = None
-        await asyncio.to_thread(boxes.note_hello, self.port, hello)
+        await self._note("the box's state", boxes.note_hello, self.port, hello)
         if changed:
             log.info("bridge: box %s on %s: model %s, firmware %s, %d leads at %d Hz, %.3g uV/LSB",
                      hello.box_id, self.port, hello.model, hello.fw_version, len(hello.leads),
@@ -221,7 +244,7 @@ class BoxSession:
         if lead_off_changed and status.lead_off:
             log.info("bridge: box %s lead-off: %s", self.hello.box_id, boxes.lead_off_names(status.lead_off))
         self._status_written = (now, key)
-        await asyncio.to_thread(boxes.note_status, self.hello.box_id, status, recording)
+        await self._note("the box's state", boxes.note_status, self.hello.box_id, status, recording)
 
     async def _on_rec_start(self, start: RecStart) -> None:
         assert self.hello is not None
@@ -230,7 +253,7 @@ class BoxSession:
         self._recording = Recording(self.hello, start.rec_id, start.expected)
         self._recording.lead_off_mask = self._lead_off  # as the last STATUS said
         self._rec_started = dt.datetime.now()
-        await asyncio.to_thread(boxes.recording_started, self.hello.box_id, start.rec_id)
+        await self._note("the recording's start", boxes.recording_started, self.hello.box_id, start.rec_id)
         log.info("bridge: box %s recording %d started (%d samples expected)", self.hello.box_id, start.rec_id, start.expected)
 
     async def _interrupt(self, why: str) -> None:
@@ -239,8 +262,8 @@ class BoxSession:
             return
         self.stats.interrupted += 1
         log.warning("bridge: box %s recording %d interrupted (%s) after %d samples", self.hello.box_id, rec.rec_id, why, rec.received)
-        await asyncio.to_thread(
-            boxes.recording_finished, self.hello.box_id, rec.rec_id, "interrupted",
+        await self._note(
+            "the recording's state", boxes.recording_finished, self.hello.box_id, rec.rec_id, "interrupted",
             samples=rec.received, lost_frames=rec.lost_frames, detail=why,
         )
 
@@ -255,11 +278,19 @@ class BoxSession:
                 self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.BAD_STATE, end.rec_id).pack())
             return
         self._recording = None
+        box_id = self.hello.box_id
         try:
             kept = await asyncio.to_thread(self._keep, rec, end)
-        except RejectedInstance as exc:
-            log.error("bridge: box %s recording %d not kept: %s", self.hello.box_id, rec.rec_id, exc.reason)
-            await asyncio.to_thread(boxes.recording_finished, self.hello.box_id, rec.rec_id, "failed", detail=exc.reason)
+        except Exception as exc:  # whatever it was, the box must hear it and keep the recording
+            reason = _not_kept_reason(exc)
+            line = "bridge: box %s recording %d not kept: %s; answered NAK STORAGE: the box keeps it and offers it again"
+            if isinstance(exc, (NotKept, RejectedInstance, OSError, DatabaseError)):
+                log.error(line, box_id, rec.rec_id, reason)  # a full or failing disk: one line, no traceback
+            else:
+                log.exception(line, box_id, rec.rec_id, reason)  # a bug
+            self.stats.not_kept += 1
+            await self._note("the recording's state", boxes.recording_finished, box_id, rec.rec_id, "failed",
+                             samples=rec.received, lost_frames=rec.lost_frames, detail=reason)
             self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.STORAGE, end.rec_id).pack())
             return
         self._send(Msg.ACK, Ack(frame.type, frame.seq, end.rec_id).pack())
@@ -275,6 +306,7 @@ class BoxSession:
         if done is not None:  # offered again after our ACK was lost: same UID, nothing new
             log.info("bridge: box %s recording %d already kept as %s", hello.box_id, rec.rec_id, done[0])
             return KeptInstance(done[0], done[1], duplicate=True)
+        self._ensure_room(hello.box_id, rec.rec_id)
         samples, missing = rec.finish(end.total)
         order = boxes.armed_order(hello.box_id)
         lead_off = boxes.lead_off_names(rec.lead_off_mask)
@@ -288,7 +320,10 @@ class BoxSession:
             write_ecg(ds, path)
             kept = keep_instance(self.spool, path, calling_aet="", source="ecg")
         finally:
-            path.unlink(missing_ok=True)  # gone already once kept (renamed into the spool)
+            try:  # gone already once kept (renamed into the spool); half-written otherwise
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # start-up reconciliation removes it at the latest
+                log.warning("bridge: could not remove temp file %s: %s", path, _reason(exc))
         boxes.recording_finished(
             hello.box_id, rec.rec_id, "kept", consumed_arming=order.arming_id if order else None,
             sop_instance_uid=kept.sop_instance_uid, samples=len(samples), missing_samples=missing,
@@ -304,11 +339,44 @@ class BoxSession:
         )
         return kept
 
+    def _ensure_room(self, box_id: str, rec_id: int) -> None:
+        """As for a C-STORE: under ``min_free_mb``, evict what the cloud holds, then refuse if still short."""
+        if self.spool.free_mb() >= self.min_free_mb:
+            return
+        if self.make_room is not None:
+            try:
+                self.make_room()
+            except (OSError, DatabaseError) as exc:
+                log.error("bridge: could not free disk space for box %s recording %d: %s", box_id, rec_id,
+                          _storage_reason(exc))
+            except Exception:
+                log.exception("bridge: could not free disk space for box %s recording %d", box_id, rec_id)
+        free = self.spool.free_mb()
+        if free < self.min_free_mb:
+            raise NotKept(f"disk almost full ({free:.0f} MB free, minimum {self.min_free_mb} MB)")
+
+    async def _note(self, what: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        """Bookkeeping in the database; a full or failing disk must not end the session.
+
+        One log line per ``DB_ERROR_LOG_EVERY_S`` at most: on a full disk some writes still
+        fit in SQLite's journal and others do not, so failures come and go.
+        """
+        try:
+            await asyncio.to_thread(write, *args, **kwargs)
+        except (DatabaseError, OSError) as exc:
+            now = time.monotonic()
+            if self._db_error_logged is None or now - self._db_error_logged >= DB_ERROR_LOG_EVERY_S:
+                log.error("bridge: could not write %s for %s to the database (%s); carrying on",
+                          what, self.port, _storage_reason(exc))
+                self._db_error_logged = now
+            return False
+        return True
+
     async def _disconnected(self) -> None:
         if self._recording is not None:
             await self._interrupt("port lost")
         if self.hello is not None:
-            await asyncio.to_thread(boxes.note_disconnected, self.hello.box_id)
+            await self._note("the box's state", boxes.note_disconnected, self.hello.box_id)
             self.hello = None
 
 
@@ -334,3 +402,26 @@ def _kept_uid(box_id: str, rec_id: int) -> tuple[str, str] | None:
 
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _storage_reason(exc: BaseException) -> str:
+    """What went wrong writing, in words: the root cause when SQLite's rollback error hides it."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:  # "cannot rollback - no transaction is active" hides "database or disk is full"
+        if getattr(cause, "errno", None) == errno.ENOSPC or "full" in str(cause).lower():
+            return f"disk full ({getattr(cause, 'strerror', None) or cause})"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f" ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else "")
+    return str(exc) or type(exc).__name__
+
+
+def _not_kept_reason(exc: BaseException) -> str:
+    if isinstance(exc, (NotKept, RejectedInstance)):
+        return exc.reason
+    if isinstance(exc, (OSError, DatabaseError)):
+        return f"could not write it: {_storage_reason(exc)}"
+    return f"{type(exc).__name__}: {exc}"

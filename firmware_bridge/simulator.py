@@ -74,6 +74,7 @@ class BoxStats:
     recordings_acked: list[int] = field(default_factory=list)
     sent_samples: dict[int, object] = field(default_factory=dict)  # rec_id -> (n, 8) int16 as sent
     naks_bad_frame: int = 0
+    naks_storage: int = 0  # REC_END answered NAK STORAGE: the node could not keep it (the box still holds it)
     sim_seconds: float = 0.0
 
     def line_utilisation(self, baud: int) -> float:
@@ -204,6 +205,7 @@ class SoftwareBox:
         elif isinstance(msg, NakMsg) and msg.ref_type == Msg.REC_END:
             if self._pending and self._pending[0] == msg.arg:
                 if msg.reason == Nak.STORAGE:  # the node's disk is full: give it time
+                    self.stats.naks_storage += 1
                     self._replay_after = time.monotonic() + STORAGE_RETRY_S / self.speed
                 self._replay.set()
         elif Msg.FW_BEGIN <= kind <= Msg.FW_ROLLBACK:
