@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,30 +40,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import generate_uid
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-EDGE = VENV_BIN / "edge"
+from common import (
+    DX_COLS,
+    DX_ROWS,
+    EDGE,
+    ORTHANC,
+    BenchError,
+    abort_status,
+    dx_dataset,
+    edge_studies,
+    interrupt_on_sigterm,
+    log_tail,
+    netns_add,
+    netns_delete,
+    netns_exec,
+    run_cmd,
+    spawn,
+    spawn_orthanc,
+    stop,
+    write_edge_toml,
+)
+from tests.conftest import free_port  # the checkout is on sys.path once common is imported
+
 STORESCU = "/usr/bin/storescu"  # DCMTK; the bare names on PATH may be pynetdicom's apps
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
-ORTHANC = "/usr/sbin/Orthanc"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-ROWS = COLS = 3000
 CALLING_AET = "BENCHSCU"
 SAMPLE_EVERY_S = 0.05
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 
 GOAL_VS_STORESCP = 1.5
 GOAL_VS_ORTHANC = 3.0
 GOAL_RSS_MB = 100.0
-
-
-class BenchError(Exception):
-    """A receiver could not be run or did not receive everything: a real failure."""
 
 
 # --------------------------------------------------------------------------- images
@@ -74,56 +82,17 @@ class BenchError(Exception):
 def generate_images(out_dir: Path, count: int) -> list[Path]:
     """Write ``count`` DX images (3000x3000, 16-bit, explicit VR LE) sharing one pixel buffer."""
     rng = np.random.default_rng(1)
-    ramp = np.add.outer(np.arange(ROWS), np.arange(COLS)).astype(np.uint16) * 5
-    pixels = (ramp + rng.integers(0, 512, size=(ROWS, COLS), dtype=np.uint16)).tobytes()
+    ramp = np.add.outer(np.arange(DX_ROWS), np.arange(DX_COLS)).astype(np.uint16) * 5
+    pixels = (ramp + rng.integers(0, 512, size=(DX_ROWS, DX_COLS), dtype=np.uint16)).tobytes()
     study_uid, series_uid = generate_uid(), generate_uid()
     paths = []
     for i in range(count):
         path = out_dir / f"dx{i:04d}.dcm"
-        _dx_dataset(pixels, study_uid, series_uid, i + 1).save_as(path, enforce_file_format=True)
+        ds = dx_dataset(pixels, study_uid, series_uid, i + 1, patient_name="Bench^Ingest", patient_id="BENCH0001",
+                        accession="BENCH1", study_id="1", bits_stored=16)  # fmt: skip
+        ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def _dx_dataset(pixels: bytes, study_uid: str, series_uid: str, number: int) -> Dataset:
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientName = "Bench^Ingest"
-    ds.PatientID = "BENCH0001"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.AccessionNumber = "BENCH1"
-    ds.StudyID = "1"
-    ds.StudyDate = ds.ContentDate = "20240101"
-    ds.StudyTime = ds.ContentTime = "120000"
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "DX"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = number
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "Clinic Edge bench"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = ROWS, COLS
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = 1
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
-    ds.PixelData = pixels
-    return ds
 
 
 # --------------------------------------------------------------------------- network
@@ -139,78 +108,27 @@ class Network:
     def open(self) -> None:
         name = f"edgebench{os.getpid()}"
         try:
-            _run(["ip", "netns", "add", name], timeout=10)
-        except (BenchError, OSError) as exc:
+            netns_add(name)
+        except BenchError as exc:
             self.note = (
                 f"network namespace unavailable ({exc}); FELL BACK to host loopback "
                 "(storescp and Orthanc listen on all interfaces during their runs)"
             )
             return
         self.name = name
-        try:
-            _run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], timeout=10)
-        except BenchError as exc:
-            self.close()
-            self.note = f"network namespace unusable ({exc}); FELL BACK to host loopback"
-            return
         self.note = f"all receivers and senders ran inside network namespace {name} (loopback only)"
 
     def close(self) -> None:
         if self.name is not None:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+            netns_delete(self.name)
             self.name = None
 
     def prefix(self) -> list[str]:
         """Command prefix that runs a program inside the namespace (``ip netns exec`` execs in place)."""
-        return ["ip", "netns", "exec", self.name] if self.name else []
-
-
-def free_port() -> int:
-    """A free loopback port (inside a fresh namespace every port is free anyway)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _run(cmd: Sequence[str], timeout: float) -> str:
-    try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{cmd[0]} timed out after {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd[:4])}... exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
-    return proc.stdout
+        return netns_exec(self.name) if self.name else []
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def spawn(cmd: Sequence[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a process in its own process group (so it and its children can be killed together)."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, then SIGKILL it if it has not gone within the timeout."""
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-    _signal_group(proc, signal.SIGKILL)  # also reaps forked children left in the group
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        print(f"warning: process {proc.pid} did not exit after SIGKILL", file=sys.stderr)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tree(pid: int) -> list[int]:
@@ -297,20 +215,19 @@ class Receiver:
 def edge_receiver(net: Network, max_pdu: int, concurrency: int) -> Receiver:
     def start(work: Path, port: int) -> subprocess.Popen[bytes]:
         config = work / "edge.toml"
-        config.write_text(
-            "[node]\nid = \"bench-0001\"\n"
-            f"[dicom]\nae_title = \"EDGE\"\nbind_address = \"127.0.0.1\"\nport = {port}\n"
-            f"max_pdu_bytes = {max_pdu}\nmax_associations = {max(8, concurrency + 1)}\n"
-            f"[storage]\ndata_dir = \"{work / 'data'}\"\nmin_free_mb = 0\n"
-            f"[console]\nbind_address = \"127.0.0.1\"\nport = {free_port()}\n"
-            f"[kiosk]\nport = {free_port()}\n"
-            "[cloud]\ndicomweb_url = \"http://127.0.0.1:9/dicom-web\"\n"
-        )
+        write_edge_toml(config, {
+            "node": {"id": "bench-0001"},
+            "dicom": {"ae_title": "EDGE", "bind_address": "127.0.0.1", "port": port,
+                      "max_pdu_bytes": max_pdu, "max_associations": max(8, concurrency + 1)},
+            "storage": {"data_dir": str(work / "data"), "min_free_mb": 0},
+            "console": {"bind_address": "127.0.0.1", "port": free_port()},
+            "kiosk": {"port": free_port()},
+            "cloud": {"dicomweb_url": "http://127.0.0.1:9/dicom-web"},
+        })  # fmt: skip
         return spawn([*net.prefix(), str(EDGE), "--config", str(config), "serve", "dicom"], work / "receiver.log")
 
     def count(work: Path) -> int:
-        out = _run([str(EDGE), "--config", str(work / "edge.toml"), "studies", "--json"], timeout=60)
-        return sum(int(study["instances"]) for study in json.loads(out))
+        return sum(int(study["instances"]) for study in edge_studies(work / "edge.toml"))
 
     return Receiver("edge (ours)", "EDGE", start, count)
 
@@ -347,12 +264,11 @@ def orthanc_receiver(net: Network, max_pdu: int) -> Receiver:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
         }
-        (work / "orthanc.json").write_text(json.dumps(config, indent=2))
-        return spawn([*net.prefix(), ORTHANC, str(work / "orthanc.json")], work / "receiver.log", cwd=work)
+        return spawn_orthanc(net.prefix(), work, config, work / "receiver.log")
 
     def count(work: Path) -> int:
         url = f"http://127.0.0.1:{http_port}/statistics"
-        out = _run([*net.prefix(), "curl", "-sf", "--max-time", "20", url], timeout=30)
+        out = run_cmd([*net.prefix(), "curl", "-sf", "--max-time", "20", url], timeout=30).stdout
         return int(json.loads(out)["CountInstances"])
 
     return Receiver("Orthanc", "ORTHANC", start, count)
@@ -492,13 +408,9 @@ def _split(files: Sequence[Path], n: int) -> list[list[Path]]:
     return [list(files[i::n]) for i in range(n)]
 
 
-def _log_tail(work: Path, lines: int = 15) -> str:
-    parts = []
-    for log in sorted(work.glob("*.log")):
-        text = log.read_text(errors="replace").strip().splitlines()[-lines:]
-        if text:
-            parts.append(f"--- {log.name}\n" + "\n".join(text))
-    return "\n".join(parts)
+def _log_tail(work: Path) -> str:
+    """The tails of every log in a run's work dir: the receiver's and each storescu's."""
+    return "\n".join(tail for log in sorted(work.glob("*.log")) if (tail := log_tail(log)))
 
 
 # --------------------------------------------------------------------------- report
@@ -620,25 +532,17 @@ def workspace(parent: Path | None) -> Iterator[tuple[Path, Network]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so SIGTERM also runs every finally: receivers stopped, temp dirs removed
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     # Inherited by every DCMTK program started below (storescu, storescp, echoscu, Orthanc).
     os.environ["TCP_NODELAY"] = "0" if args.nagle else "1"
     try:
         check_tools()
         with workspace(args.tmp) as (root, net):
             results = run(args, root, net)
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    except (BenchError, KeyboardInterrupt) as exc:
+        return abort_status(exc)
     print_results(results)
     print()
     print(goal_line(results))

@@ -46,13 +46,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-EDGE = VENV_BIN / "edge"
-ORTHANC = "/usr/sbin/Orthanc"
+from common import (
+    DX_COLS,
+    DX_ROWS,
+    EDGE,
+    ORTHANC,
+    REPO,
+    BenchError,
+    abort_status,
+    dx_dataset,
+    edge_studies,
+    interrupt_on_sigterm,
+    log_tail,
+    netns_add,
+    netns_delete,
+    netns_exec,
+    run_cmd,
+    spawn,
+    spawn_orthanc,
+    stop,
+    write_edge_toml,
+)
+
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-ROWS = COLS = 3000
 
 CLINIC_IP = "10.231.0.1"
 CLOUD_IP = "10.231.0.2"
@@ -63,12 +79,7 @@ BOUNDARY = "edge-bench-upload-boundary"
 GOAL_GOODPUT = 0.90
 GOAL_COMPRESSED_SPEEDUP = 2.0
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
 POLL_S = 0.5
-
-
-class BenchError(Exception):
-    """A phase could not be run: a real failure, not a missed goal."""
 
 
 # --------------------------------------------------------------------------- images
@@ -84,8 +95,8 @@ def generate_images(out_dir: Path, count: int, per_study: int, noise: float) -> 
     from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(7)
-    y = np.linspace(-1.0, 1.0, ROWS, dtype=np.float32)[:, None]
-    x = np.linspace(-1.0, 1.0, COLS, dtype=np.float32)[None, :]
+    y = np.linspace(-1.0, 1.0, DX_ROWS, dtype=np.float32)[:, None]
+    x = np.linspace(-1.0, 1.0, DX_COLS, dtype=np.float32)[None, :]
     paths: list[Path] = []
     study_uid = series_uid = ""
     for i in range(count):
@@ -99,57 +110,16 @@ def generate_images(out_dir: Path, count: int, per_study: int, noise: float) -> 
         ribs = 120.0 * np.cos(18.0 * yy + 3.0 * xx * xx) * (lungs > 200)
         spine = 700.0 * np.exp(-((xx / 0.08) ** 2))
         field_ = 300.0 + body - lungs + ribs + spine + 80.0 * np.cos(2.0 * xx + 1.5 * yy)
-        field_ += rng.normal(0.0, noise, size=(ROWS, COLS)).astype(np.float32)
+        field_ += rng.normal(0.0, noise, size=(DX_ROWS, DX_COLS)).astype(np.float32)
         pixels = np.clip(field_, 0, 4095).astype(np.uint16)
         path = out_dir / f"dx{i:03d}.dcm"
-        _dx_dataset(pixels.tobytes(), study_uid, series_uid, i + 1, i // per_study + 1).save_as(
-            path, enforce_file_format=True
-        )
+        study = i // per_study + 1
+        ds = dx_dataset(pixels.tobytes(), study_uid, series_uid, i + 1, patient_name=f"Bench^Upload{study}",
+                        patient_id=f"BENCHUP{study:04d}", accession=f"BENCHUP{study}", study_id=str(study),
+                        bits_stored=12)  # fmt: skip
+        ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-def _dx_dataset(pixels: bytes, study_uid: str, series_uid: str, number: int, study_number: int):  # type: ignore[no-untyped-def]
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientName = f"Bench^Upload{study_number}"
-    ds.PatientID = f"BENCHUP{study_number:04d}"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.AccessionNumber = f"BENCHUP{study_number}"
-    ds.StudyID = str(study_number)
-    ds.StudyDate = ds.ContentDate = "20240101"
-    ds.StudyTime = ds.ContentTime = "120000"
-    ds.ReferringPhysicianName = ""
-    ds.Modality = "DX"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = number
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "Clinic Edge bench"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = ROWS, COLS
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.PixelIntensityRelationship = "LIN"
-    ds.PixelIntensityRelationshipSign = 1
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
-    ds.PixelData = pixels
-    return ds
 
 
 def multipart_head() -> bytes:
@@ -173,58 +143,6 @@ def build_bodies(files: Sequence[Path], out_dir: Path) -> list[Path]:
     return bodies
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def _run(cmd: Sequence[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{' '.join(cmd[:6])} timed out after {timeout:.0f} s") from None
-    except OSError as exc:
-        raise BenchError(f"{cmd[0]}: {exc}") from None
-    if check and proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd[:8])} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-400:]}")
-    return proc
-
-
-def spawn(cmd: Sequence[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a process in its own process group (``ip netns exec`` execs in place: same PID)."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=cwd, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen[bytes], first: signal.Signals = signal.SIGTERM) -> None:
-    """Signal the process group, then SIGKILL it if it lingers (bounded)."""
-    if proc.poll() is None:
-        _signal_group(proc, first)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pass
-    _signal_group(proc, signal.SIGKILL)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        print(f"warning: process {proc.pid} did not exit after SIGKILL", file=sys.stderr)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
-    except OSError:
-        return ""
-    return f"--- {path.name}\n" + "\n".join(text) if text else ""
-
-
 # --------------------------------------------------------------------------- the link
 
 
@@ -243,20 +161,19 @@ class Link:
 
     def open(self) -> None:
         for ns in (self.clinic, self.cloud):
-            _run(["ip", "netns", "add", ns], timeout=10)
+            netns_add(ns)
             self._made.append(ns)
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"], timeout=10)
-        _run(["ip", "link", "add", self.clinic_dev, "netns", self.clinic, "type", "veth",
-              "peer", "name", self.cloud_dev, "netns", self.cloud], timeout=10)  # fmt: skip
+        run_cmd(["ip", "link", "add", self.clinic_dev, "netns", self.clinic, "type", "veth",
+                 "peer", "name", self.cloud_dev, "netns", self.cloud], timeout=10)  # fmt: skip
         for ns, dev, ip in ((self.clinic, self.clinic_dev, CLINIC_IP), (self.cloud, self.cloud_dev, CLOUD_IP)):
-            _run(["ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev], timeout=10)
-            _run(["ip", "-n", ns, "link", "set", dev, "up"], timeout=10)
+            run_cmd(["ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev], timeout=10)
+            run_cmd(["ip", "-n", ns, "link", "set", dev, "up"], timeout=10)
         # One TCP segment per packet on the clinic side, as on a real uplink: so --loss drops
         # segments, not 64 KB GSO bursts (tbf would split those anyway).
-        _run(["ip", "-n", self.clinic, "link", "set", self.clinic_dev, "gso_max_segs", "1"], timeout=10)
+        run_cmd(["ip", "-n", self.clinic, "link", "set", self.clinic_dev, "gso_max_segs", "1"], timeout=10)
         # The rate limit on the sending side.
-        _run(["ip", "netns", "exec", self.clinic, "tc", "qdisc", "add", "dev", self.clinic_dev, "root",
-              "tbf", "rate", f"{self.rate_mbit}mbit", "burst", "32kbit", "latency", "400ms"], timeout=10)  # fmt: skip
+        run_cmd(["ip", "netns", "exec", self.clinic, "tc", "qdisc", "add", "dev", self.clinic_dev, "root",
+                 "tbf", "rate", f"{self.rate_mbit}mbit", "burst", "32kbit", "latency", "400ms"], timeout=10)  # fmt: skip
         if self.loss_pct > 0:
             self._add_loss()
 
@@ -277,18 +194,18 @@ class Link:
 
     def close(self) -> None:
         for ns in reversed(self._made):  # deleting a namespace deletes its veth end, and so the pair
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+            netns_delete(ns)
         self._made.clear()
 
     def in_clinic(self) -> list[str]:
-        return ["ip", "netns", "exec", self.clinic]
+        return netns_exec(self.clinic)
 
     def in_cloud(self) -> list[str]:
-        return ["ip", "netns", "exec", self.cloud]
+        return netns_exec(self.cloud)
 
     def link_bytes(self) -> int:
         """Bytes the shaper has sent so far (frames incl. Ethernet/IP/TCP headers)."""
-        out = _run([*self.in_clinic(), "tc", "-s", "-j", "qdisc", "show", "dev", self.clinic_dev], timeout=10).stdout
+        out = run_cmd([*self.in_clinic(), "tc", "-s", "-j", "qdisc", "show", "dev", self.clinic_dev], timeout=10).stdout
         for qdisc in json.loads(out):
             if qdisc.get("kind") == "tbf":
                 return int(qdisc.get("bytes", 0))
@@ -298,7 +215,7 @@ class Link:
         """Packets the --loss rule has dropped so far (0 without --loss)."""
         if self.loss_pct <= 0:
             return 0
-        out = _run([*self.in_clinic(), "nft", "-j", "list", "table", "inet", "edgeup_loss"], timeout=10).stdout
+        out = run_cmd([*self.in_clinic(), "nft", "-j", "list", "table", "inet", "edgeup_loss"], timeout=10).stdout
         for item in json.loads(out).get("nftables", []):
             for expr in item.get("rule", {}).get("expr", []):
                 if "counter" in expr:
@@ -499,20 +416,18 @@ class Cloud:
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False,
                          "Host": f"{CLOUD_IP}:{PROXY_PORT}", "Ssl": False},  # fmt: skip
         }
-        (self.work / "orthanc.json").write_text(json.dumps(config, indent=2))
-        self.orthanc = spawn([*self.link.in_cloud(), ORTHANC, str(self.work / "orthanc.json")],
-                             self.work / "orthanc.log", cwd=self.work)  # fmt: skip
+        self.orthanc = spawn_orthanc(self.link.in_cloud(), self.work, config, self.work / "orthanc.log")
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.orthanc.poll() is not None:
-                raise BenchError(f"Orthanc exited with {self.orthanc.returncode}\n{_tail(self.work / 'orthanc.log')}")
+                raise BenchError(f"Orthanc exited with {self.orthanc.returncode}\n{log_tail(self.work / 'orthanc.log')}")
             try:
                 if self.get("/system", timeout=2).get("HttpPort") == ORTHANC_PORT:
                     break
             except (BenchError, ValueError):
                 time.sleep(0.2)
         else:
-            raise BenchError(f"Orthanc did not answer within {START_TIMEOUT_S:.0f} s\n{_tail(self.work / 'orthanc.log')}")
+            raise BenchError(f"Orthanc did not answer within {START_TIMEOUT_S:.0f} s\n{log_tail(self.work / 'orthanc.log')}")
         self.proxy = spawn(
             [*self.link.in_cloud(), sys.executable, str(Path(__file__).resolve()), "_delay-proxy",
              "--listen", f"{CLOUD_IP}:{PROXY_PORT}", "--upstream", f"127.0.0.1:{ORTHANC_PORT}",
@@ -522,9 +437,9 @@ class Cloud:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proxy.poll() is not None:
-                raise BenchError(f"delay proxy exited with {self.proxy.returncode}\n{_tail(self.work / 'delay-proxy.log')}")
-            probe = _run([*self.link.in_clinic(), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                          "--max-time", "3", self.dicomweb_url + "/studies"], timeout=10, check=False)  # fmt: skip
+                raise BenchError(f"delay proxy exited with {self.proxy.returncode}\n{log_tail(self.work / 'delay-proxy.log')}")
+            probe = run_cmd([*self.link.in_clinic(), "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                             "--max-time", "3", self.dicomweb_url + "/studies"], timeout=10, check=False)  # fmt: skip
             if probe.stdout.strip() == "200":
                 break
             time.sleep(0.2)
@@ -550,8 +465,8 @@ class Cloud:
         return up, stow
 
     def get(self, path: str, timeout: float = 10) -> dict:  # type: ignore[type-arg]
-        out = _run([*self.link.in_cloud(), "curl", "-sf", "--max-time", str(timeout),
-                    f"http://127.0.0.1:{ORTHANC_PORT}{path}"], timeout=timeout + 5).stdout  # fmt: skip
+        out = run_cmd([*self.link.in_cloud(), "curl", "-sf", "--max-time", str(timeout),
+                       f"http://127.0.0.1:{ORTHANC_PORT}{path}"], timeout=timeout + 5).stdout  # fmt: skip
         return json.loads(out)  # type: ignore[no-any-return]
 
     def instance_count(self) -> int:
@@ -600,7 +515,7 @@ def run_curl_phase(link: Link, cloud: Cloud, bodies: Sequence[Path], per_request
     content_type = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
     t0 = time.monotonic()
     for body in bodies:
-        proc = _run([
+        proc = run_cmd([
             *link.in_clinic(), "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
             "-H", f"Content-Type: {content_type}", "-H", "Accept: application/dicom+json",
             "-H", "Expect:",  # no 100-continue round trip: the node's client does not wait for one either
@@ -613,7 +528,7 @@ def run_curl_phase(link: Link, cloud: Cloud, bodies: Sequence[Path], per_request
 
 
 def write_node_config(path: Path, data_dir: Path, dicomweb_url: str, compress: str, concurrency: int) -> None:
-    sections: dict[str, dict[str, object]] = {
+    write_edge_toml(path, {
         "node": {"id": "bench-upload"},
         "dicom": {"ae_title": "EDGE", "port": 11112, "bind_address": "127.0.0.1"},
         "storage": {"data_dir": str(data_dir), "min_free_mb": 0},
@@ -623,22 +538,16 @@ def write_node_config(path: Path, data_dir: Path, dicomweb_url: str, compress: s
         "sync": {"concurrency": concurrency, "batch_max_bytes": 33554432, "batch_max_instances": 20,
                  "bandwidth_bps": 0, "compress": compress},  # fmt: skip
         "reports": {"enabled": False},  # no report polling traffic on the measured link
-    }
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
+    })
 
 
 def prefill(config: Path, files: Sequence[Path], log_path: Path) -> None:
     """Keep every file in the node's spool as a C-STORE would (a separate process: its own DB handle)."""
-    _run([sys.executable, str(Path(__file__).resolve()), "_prefill", str(config), *map(str, files)],
-         timeout=300)  # fmt: skip
+    run_cmd([sys.executable, str(Path(__file__).resolve()), "_prefill", str(config), *map(str, files)],
+            timeout=300)  # fmt: skip
 
 
 def _prefill_main(config_path: str, files: Sequence[str]) -> int:
-    sys.path.insert(0, str(REPO))
     from edge.config import load_config
     from edge.store.db import open_database
     from edge.store.spool import Spool, keep_instance
@@ -656,18 +565,13 @@ def _prefill_main(config_path: str, files: Sequence[str]) -> int:
     return 0
 
 
-def node_studies(config: Path) -> list[dict]:  # type: ignore[type-arg]
-    out = _run([str(EDGE), "--config", str(config), "studies", "--json"], timeout=60).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
-
-
 def run_node_phase(link: Link, cloud: Cloud, work: Path, files: Sequence[Path], compress: str,
                    concurrency: int, timeout: float) -> float:  # fmt: skip
     """Start ``edge serve sync`` on a pre-filled data dir; seconds until every study is synced."""
     config = work / "edge.toml"
     write_node_config(config, work / "data", cloud.dicomweb_url, compress, concurrency)
     prefill(config, files, work / "prefill.log")
-    studies = node_studies(config)
+    studies = edge_studies(config)
     if sum(int(s["instances"]) for s in studies) != len(files):
         raise BenchError(f"pre-fill kept {sum(int(s['instances']) for s in studies)} of {len(files)} instances")
     os.sync()  # no writeback of the pre-fill during the run
@@ -678,21 +582,21 @@ def run_node_phase(link: Link, cloud: Cloud, work: Path, files: Sequence[Path], 
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             if node.poll() is not None:
-                raise BenchError(f"edge serve sync exited with {node.returncode}\n{_tail(log)}")
+                raise BenchError(f"edge serve sync exited with {node.returncode}\n{log_tail(log)}")
             # Ask the node only once the cloud has everything: `edge studies` costs ~0.5 s of CPU.
             if cloud.instance_count() >= len(files):
-                studies = node_studies(config)
+                studies = edge_studies(config)
                 done = time.monotonic()
                 states = [s["sync_state"] for s in studies]
                 if states and all(state == "synced" for state in states):
                     return done - t0
                 bad = [s for s in studies if s["sync_state"] in ("failed", "quarantined")]
                 if bad:
-                    raise BenchError(f"study {bad[0]['study_instance_uid']} is {bad[0]['sync_state']}\n{_tail(log)}")
+                    raise BenchError(f"study {bad[0]['study_instance_uid']} is {bad[0]['sync_state']}\n{log_tail(log)}")
             time.sleep(POLL_S)
-        studies = node_studies(config)
+        studies = edge_studies(config)
         raise BenchError(f"not all synced within {timeout:.0f} s: "
-                         f"{[s['sync_state'] for s in studies]}\n{_tail(log)}")  # fmt: skip
+                         f"{[s['sync_state'] for s in studies]}\n{log_tail(log)}")  # fmt: skip
     finally:
         stop(node, signal.SIGINT)
 
@@ -733,7 +637,7 @@ def measure(name: str, link: Link, root: Path, files: Sequence[Path], bodies: Se
     finally:
         cloud.stop()
         if not result.ok:
-            result.notes += [t for t in (_tail(work / "orthanc.log"), _tail(work / "delay-proxy.log")) if t]
+            result.notes += [t for t in (log_tail(work / "orthanc.log"), log_tail(work / "delay-proxy.log")) if t]
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
@@ -878,10 +782,6 @@ def workspace(parent: Path | None, link: Link, keep: bool) -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so SIGTERM also runs every finally
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_delay-proxy"]:
@@ -896,19 +796,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["_prefill"]:
         return _prefill_main(argv[1], argv[2:])
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     link = Link(args.rate_mbit, args.loss)
     try:
         check_tools()
         with workspace(args.tmp, link, args.keep) as root:
             results = run(args, root, link)
             print_results(results, link)
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    except (BenchError, KeyboardInterrupt) as exc:
+        return abort_status(exc)
     print()
     for line in goal_lines(results, link):
         print(line)
