@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from peewee import SqliteDatabase
+from peewee import OperationalError, SqliteDatabase
 
 from edge.store.const import DATABASE_NAME
 
@@ -39,7 +39,22 @@ def open_database(data_dir: Path, migrate: bool = True) -> SqliteDatabase:
 
 @contextmanager
 def write_transaction() -> Iterator[None]:
-    """One writer at a time in this process; IMMEDIATE so it never upgrades mid-way."""
+    """One writer at a time in this process; IMMEDIATE so it never upgrades mid-way.
+
+    When the disk fills, SQLite rolls the transaction back itself; peewee's own rollback then
+    fails with "no transaction is active" and would hide the real error. Callers (C-STORE's
+    0xA700, the ECG bridge's NAK STORAGE) need to see "database or disk is full".
+    """
     with _writer:
-        with database.atomic("IMMEDIATE"):
-            yield
+        try:
+            with database.atomic("IMMEDIATE"):
+                yield
+        except OperationalError as exc:
+            if "no transaction is active" not in str(exc):
+                raise
+            cause: BaseException | None = exc.__context__
+            while cause is not None and "no transaction is active" in str(cause):  # peewee wraps sqlite3's
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None

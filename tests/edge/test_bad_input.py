@@ -11,11 +11,11 @@ import random
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tests.edge.helpers import (
     storescu,
     temp_files,
 )
+from tests.small_disk import fill, mounted_tmpfs
 
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
@@ -193,17 +194,10 @@ def test_disk_below_minimum_answers_out_of_resources_and_healthz_503(node_factor
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Any:
-    """A real 40 MB filesystem (tmpfs) for the data dir; skipped where mount is not allowed."""
-    mount_point = tmp_path / "small" / "var"
-    mount_point.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 40 MB filesystem for the data dir."""
+    with mounted_tmpfs(tmp_path / "small" / "var", 40) as mount:
+        yield mount
 
 
 def test_truly_full_disk_answers_out_of_resources_and_keeps_nothing_half(node_factory: Any, small_disk: Path, tmp_path: Path) -> None:
@@ -213,9 +207,7 @@ def test_truly_full_disk_answers_out_of_resources_and_keeps_nothing_half(node_fa
     assert "Received Store Response (Success)" in storescu(node, tmp_path / "first.dcm").stderr
 
     # Something else fills the disk (logs, a runaway process): 1 MB left, a 2 MB image comes.
-    filler = small_disk / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * (shutil.disk_usage(small_disk).free - 2**20))
+    fill(small_disk, leave_mb=1)
     make_dx(tmp_path / "big.dcm", rows=1024, cols=1024)
     result = storescu(node, tmp_path / "big.dcm")
     output = result.stdout + result.stderr

@@ -13,7 +13,6 @@ import errno
 import logging
 import re
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from firmware_bridge.service import BridgeService
 from tests.dicom_factory import make_dx
 from tests.firmware_bridge.conftest import BoxThread, wait_until
 from tests.firmware_bridge.helpers import kept_dataset, kept_recordings
+from tests.small_disk import fill, mounted_tmpfs
 
 DISK_MB = 16
 
@@ -39,16 +39,8 @@ DISK_MB = 16
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """``tmp_path/var`` (the bridge's data dir) on its own 16 MB filesystem."""
-    mount = tmp_path / "var"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "var", DISK_MB) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture
@@ -57,22 +49,6 @@ def store(small_disk: Path) -> Iterator[Spool]:
     open_database(small_disk)
     yield Spool(small_disk)
     database.close()
-
-
-def fill(disk: Path, leave_mb: float = 0.0) -> Path:
-    """Something else fills the disk (logs, a runaway process): ``leave_mb`` left, 0 = not a byte."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        if leave_mb:
-            f.write(b"\0" * int(shutil.disk_usage(disk).free - leave_mb * 2**20))
-        else:
-            for chunk in (2**20, 2**16, 4096):
-                try:
-                    while True:
-                        f.write(b"\0" * chunk)
-                except OSError:  # ENOSPC: on to smaller pieces
-                    pass
-    return filler
 
 
 def node_config(tmp_path: Path, link: Path, **storage: Any) -> EdgeConfig:

@@ -4,7 +4,6 @@ cloud holds, oldest first; when nothing is left to evict, C-STORE answers Out of
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 
 from tests.conftest import EdgeNode
 from tests.peers.orthanc import OrthancPeer
+from tests.small_disk import mounted_tmpfs
 from tests.sync.test_outbox import FAST_REPORTS, FAST_SYNC, all_synced, dx_series, uids, wait_until
 
 DISK_MB = 40
@@ -22,15 +22,8 @@ DISK_MB = 40
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
+    with mounted_tmpfs(tmp_path / "disk", DISK_MB) as mount:
+        yield mount
 
 
 def spool_files(node: EdgeNode) -> set[str]:
