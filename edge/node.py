@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 from collections.abc import Sequence
+
+from peewee import DatabaseError
 
 from edge.config import EdgeConfig
 from edge.ops import sdnotify
@@ -23,6 +26,15 @@ SERVICE_NAMES: tuple[str, ...] = ("dicom", "sync", "bridge", "kiosk", "console",
 
 class StartupError(Exception):
     """A service could not start (port in use, data dir unwritable); the message says which."""
+
+
+def _free_space_hint(config: EdgeConfig) -> str:
+    """Most database errors at start-up on the box are a full disk: say how full."""
+    try:
+        free_mb = shutil.disk_usage(config.data_dir).free / 2**20
+    except OSError:
+        return ""
+    return f" ({free_mb:.0f} MB free on the data disk)"
 
 
 def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
@@ -91,6 +103,8 @@ async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.E
         open_database(config.data_dir)
     except OSError as exc:
         raise StartupError(f"cannot open data directory {config.data_dir}: {exc.strerror}") from None
+    except DatabaseError as exc:  # a full disk cannot even open SQLite's shared-memory file
+        raise StartupError(f"cannot open the database in {config.data_dir}: {exc}{_free_space_hint(config)}") from None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,13 +112,19 @@ async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.E
     started: list[Service] = []
     watchdog: asyncio.Task[None] | None = None
     try:
-        for service in build_services(config, names):
+        try:
+            services = build_services(config, names)  # dicom reconciles the spool here: database writes
+        except DatabaseError as exc:
+            raise StartupError(f"cannot start: database: {exc}{_free_space_hint(config)}") from None
+        for service in services:
             try:
                 await service.start()
             except OSError as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc.strerror or exc}") from None
             except ServiceSetupError as exc:
                 raise StartupError(f"{service.name}: cannot start: {exc}") from None
+            except DatabaseError as exc:
+                raise StartupError(f"{service.name}: cannot start: database: {exc}{_free_space_hint(config)}") from None
             started.append(service)
         log.info("node %s up: %s", config.node.id, ", ".join(s.name for s in started))
         sdnotify.notify("READY=1", f"STATUS=up: {', '.join(s.name for s in started)}")
