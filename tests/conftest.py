@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def unique_node_id() -> str:
+    """For tests with zeroconf on: multicast reaches every process on the machine, so a node id no other run uses."""
+    return f"zc-{uuid.uuid4().hex[:8]}"
 
 
 def write_config(path: Path, data_dir: Path, **sections: dict[str, Any]) -> Path:

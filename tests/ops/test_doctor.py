@@ -12,7 +12,7 @@ import pytest
 
 from edge.config import load_config
 from edge.ops.doctor import check_printer
-from tests.conftest import DCMTK, edge_cli, free_port, wait_for_port, write_config
+from tests.conftest import DCMTK, edge_cli, free_port, unique_node_id, wait_for_port, write_config
 from tests.peers.orthanc import OrthancPeer, start_orthanc
 
 
@@ -49,6 +49,7 @@ def test_doctor_passes_on_a_healthy_node_then_names_each_missing_part_with_a_fix
     printer_dir.mkdir()
     node = node_factory(
         ("run",),
+        node={"id": unique_node_id()},  # zeroconf is on: no other node on the machine may answer for it
         dicom={"modality_ae": "DR1", "modality_host": "127.0.0.1", "modality_port": dr[1]},
         cloud={"dicomweb_url": orthanc.dicomweb_url, "connect_timeout_s": 2.0, "read_timeout_s": 5.0},
         ops={"zeroconf": True},  # on loopback (conftest)

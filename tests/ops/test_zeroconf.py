@@ -17,7 +17,7 @@ from zeroconf import (
 )
 
 from edge.ops.discovery import DICOM_TYPE, HTTP_TYPE
-from tests.conftest import edge_cli
+from tests.conftest import edge_cli, unique_node_id
 
 LOOPBACK_ZEROCONF = {"zeroconf": True, "zeroconf_interfaces": ["127.0.0.1"]}
 
@@ -35,12 +35,13 @@ class Watcher:
         with self._lock:
             self.events.append((service_type, name, state_change))
 
-    def wait(self, service_type: str, change: ServiceStateChange, timeout: float = 15.0) -> str:
+    def wait(self, service_type: str, change: ServiceStateChange, node_id: str, timeout: float = 15.0) -> str:
+        """This node's record only: another node on the machine (a parallel test run) may announce too."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
                 for t, name, c in self.events:
-                    if t == service_type and c is change:
+                    if t == service_type and c is change and f"({node_id})" in name:
                         return name
             time.sleep(0.05)
         raise TimeoutError(f"no {change} for {service_type}: {self.events}")
@@ -52,27 +53,29 @@ class Watcher:
 
 def test_node_announces_dicom_with_its_aet_and_withdraws_at_shutdown(node_factory: Any) -> None:
     watcher = Watcher()
+    node_id = unique_node_id()
     try:
-        node = node_factory(("run",), ops=LOOPBACK_ZEROCONF, dicom={"ae_title": "EDGE_ZC"}, reports={"enabled": False}).start()
-        name = watcher.wait(DICOM_TYPE, ServiceStateChange.Added)
+        node = node_factory(("run",), node={"id": node_id}, ops=LOOPBACK_ZEROCONF, dicom={"ae_title": "EDGE_ZC"},
+                            reports={"enabled": False}).start()
+        name = watcher.wait(DICOM_TYPE, ServiceStateChange.Added, node_id)
         info = ServiceInfo(DICOM_TYPE, name)
         assert info.request(watcher.zc, 3000)
         assert info.properties[b"aet"] == b"EDGE_ZC"
-        assert info.properties[b"node_id"] == b"test-node"
+        assert info.properties[b"node_id"] == node_id.encode()
         assert info.port == node.port
         assert "127.0.0.1" in info.parsed_addresses()
-        http = watcher.wait(HTTP_TYPE, ServiceStateChange.Added)
+        http = watcher.wait(HTTP_TYPE, ServiceStateChange.Added, node_id)
         http_info = ServiceInfo(HTTP_TYPE, http)
         assert http_info.request(watcher.zc, 3000) and http_info.port == node.console_port
 
         # `edge discover` (another process) finds it too.
         found = json.loads(edge_cli(node.config, "discover", "--json", "--timeout", "2").stdout)
-        dicom = [f for f in found if f["type"] == DICOM_TYPE and f["properties"].get("node_id") == "test-node"]
+        dicom = [f for f in found if f["type"] == DICOM_TYPE and f["properties"].get("node_id") == node_id]
         assert dicom and dicom[0]["properties"]["aet"] == "EDGE_ZC" and dicom[0]["port"] == node.port
 
         assert node.stop() == 0
-        assert watcher.wait(DICOM_TYPE, ServiceStateChange.Removed) == name  # goodbye packet, not a TTL expiry
-        assert watcher.wait(HTTP_TYPE, ServiceStateChange.Removed) == http
+        assert watcher.wait(DICOM_TYPE, ServiceStateChange.Removed, node_id) == name  # goodbye packet, not a TTL expiry
+        assert watcher.wait(HTTP_TYPE, ServiceStateChange.Removed, node_id) == http
         assert "zeroconf: withdrew 2 record(s)" in node.log_text()
     finally:
         watcher.close()
