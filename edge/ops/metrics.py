@@ -6,6 +6,7 @@ own process reports the same queue depth as the process that fills it.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -28,12 +29,22 @@ PROCESS_STARTED_AT = time.time()
 FleetCollectorFactory = Callable[["EdgeConfig"], Collector]
 _fleet_factories: list[FleetCollectorFactory] = []
 
+# Modules whose import calls add_fleet_collector with store-derived figures. Imported before
+# /metrics or the heartbeat registry is built, so every process that serves either (edge run,
+# edge serve console, edge serve ops, edge doctor) carries them. Keep them cheap to import.
+FLEET_MODULES: tuple[str, ...] = ("firmware_bridge.metrics",)
+
 
 def add_fleet_collector(factory: FleetCollectorFactory) -> None:
-    """Hook for the bridge (boxes, battery) and kiosk (printer): their store-derived figures
-    join the heartbeat, the textfile and /metrics. Call once, at import of their metrics module."""
+    """Hook for another package's store-derived figures (the bridge's boxes): they join the
+    heartbeat, the textfile and /metrics. Call at import of a module listed in FLEET_MODULES."""
     if factory not in _fleet_factories:
         _fleet_factories.append(factory)
+
+
+def _import_fleet_modules() -> None:
+    for name in FLEET_MODULES:
+        importlib.import_module(name)
 
 
 class StoreCollector(Collector):
@@ -118,6 +129,7 @@ def fleet_registry(config: EdgeConfig, services: tuple[str, ...] = ("dicom", "sy
     In-process counters are left out on purpose: under systemd each service is its own
     process, and only what comes from the store and the ports means the same everywhere.
     """
+    _import_fleet_modules()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(config))
     registry.register(HealthCollector(config, services))
@@ -127,17 +139,21 @@ def fleet_registry(config: EdgeConfig, services: tuple[str, ...] = ("dicom", "sy
 
 
 _registered: tuple[StoreCollector, HealthCollector] | None = None
+_registered_factories: list[FleetCollectorFactory] = []
 
 
 def register_store_collector(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> None:
     """Register once per process; later calls only update the config (and services) they read."""
     global _registered
+    _import_fleet_modules()
     if _registered is None:
         _registered = (StoreCollector(config), HealthCollector(config, services))
         for collector in _registered:
             REGISTRY.register(collector)
-        for factory in _fleet_factories:
-            REGISTRY.register(factory(config))
     else:
         _registered[0].config = config
         _registered[1].config, _registered[1].services = config, services
+    for factory in _fleet_factories:  # also one added since the first call
+        if factory not in _registered_factories:
+            REGISTRY.register(factory(config))
+            _registered_factories.append(factory)

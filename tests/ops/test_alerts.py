@@ -23,6 +23,8 @@ FLEET_METRICS = {
     "edge_studies", "edge_instances", "edge_instances_bytes", "edge_instance_files_missing", "edge_outbox_instances",
     "edge_outbox_depth", "edge_outbox_oldest_age_seconds", "edge_disk_free_bytes",
     "edge_outbox_last_upload_timestamp_seconds", "edge_health_check_ok", "edge_healthy", "edge_service_up",
+    # The bridge's (firmware_bridge.metrics, through add_fleet_collector).
+    "edge_ecg_boxes_connected", "edge_ecg_box_battery_percent", "edge_ecg_box_lead_off", "edge_ecg_recordings",
 }
 _METRIC = re.compile(r"\b((?:edge|push)_[a-z_]+)\b")
 
@@ -47,8 +49,17 @@ def test_alerts_cover_silence_backlog_quarantine_disk_and_cloud() -> None:
     assert 'state="quarantined"' in exprs["EdgeQuarantined"]
     assert "edge_disk_free_bytes" in exprs["EdgeDiskLow"]
     assert 'check="cloud"' in exprs["EdgeCloudFailing"]
+    assert "edge_ecg_box_battery_percent" in exprs["EdgeEcgBoxBatteryLow"]
+    assert 'state="failed"' in exprs["EdgeEcgRecordingsFailing"]
     for expr in exprs.values():
         assert set(_METRIC.findall(expr)) <= FLEET_METRICS, expr
+
+
+def test_the_ecg_alerts_have_promtool_unit_tests() -> None:
+    tests = yaml.safe_load((OPS_DOCS / "alerts_test.yml").read_text())["tests"]
+    cases = [case for test in tests for case in test["alert_rule_test"]]
+    for alert in ("EdgeEcgBoxBatteryLow", "EdgeEcgRecordingsFailing"):
+        assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), f"{alert}: no test where it fires"
 
 
 def test_dashboard_queries_are_valid_promql_on_fleet_metrics(tmp_path: Path) -> None:
