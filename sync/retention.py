@@ -3,7 +3,8 @@
 A study is evictable only when every one of its instances is ``synced``. Eviction commits
 first (``instance.evicted_at`` set: the row stays as the tombstone that recognises a
 re-send) and deletes files after, so a power cut in between leaves files that start-up
-reconciliation finishes deleting, never rows pointing at nothing unsynced.
+reconciliation finishes deleting, never rows pointing at nothing unsynced. Only on a disk
+filled to the last byte, where SQLite cannot write, are the (synced) files deleted first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-from peewee import fn
+from peewee import DatabaseError, fn
 
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
@@ -49,19 +50,20 @@ def evictable_studies(older_than: dt.datetime | None = None) -> list[Study]:
     return [by_id[i] for i in ids if i in by_id]
 
 
-def evict_study(spool: Spool, study: Study) -> tuple[int, int]:
-    """Remove a synced study's files; return (instances, bytes). Rows stay as tombstones."""
-    now = utcnow()
-    with write_transaction():
-        rows = list(
-            Instance.select(Instance.id, Instance.path, Instance.size)
-            .join(Outbox)
-            .where(Instance.study == study.id, Instance.evicted_at.is_null(True), Outbox.state == "synced")
-        )
-        if not rows:
-            return 0, 0
-        Instance.update(evicted_at=now).where(Instance.id.in_([r.id for r in rows])).execute()
-        log_event("evicted", f"{len(rows)} instance(s) freed after sync", study.study_instance_uid)
+def _synced_rows(study: Study) -> list[Instance]:
+    return list(
+        Instance.select(Instance.id, Instance.path, Instance.size)
+        .join(Outbox)
+        .where(Instance.study == study.id, Instance.evicted_at.is_null(True), Outbox.state == "synced")
+    )
+
+
+def _mark_evicted(study: Study, rows: list[Instance], when: dt.datetime) -> None:
+    Instance.update(evicted_at=when).where(Instance.id.in_([r.id for r in rows])).execute()
+    log_event("evicted", f"{len(rows)} instance(s) freed after sync", study.study_instance_uid)
+
+
+def _delete_files(spool: Spool, study: Study, rows: list[Instance]) -> int:
     freed = 0
     for row in rows:
         path = spool.root / row.path
@@ -70,12 +72,49 @@ def evict_study(spool: Spool, study: Study) -> tuple[int, int]:
             path.unlink()
         except FileNotFoundError:
             pass
-    study_dir = spool.root / study.study_instance_uid
     try:
-        study_dir.rmdir()
+        (spool.root / study.study_instance_uid).rmdir()
     except OSError:
         pass  # not empty (an instance arrived meanwhile) or already gone
+    return freed
+
+
+def evict_study(spool: Spool, study: Study) -> tuple[int, int]:
+    """Remove a synced study's files; return (instances, bytes). Rows stay as tombstones."""
+    now = utcnow()
+    try:
+        with write_transaction():
+            rows = _synced_rows(study)
+            if not rows:
+                return 0, 0
+            _mark_evicted(study, rows, now)
+    except DatabaseError as exc:
+        if "full" not in str(exc).lower():
+            raise
+        return _evict_on_a_full_disk(spool, study, now)
+    freed = _delete_files(spool, study, rows)
     log.info("retention: study %s evicted locally (%d instance(s), %d bytes; it is in the cloud)", study.study_instance_uid, len(rows), freed)
+    return len(rows), freed
+
+
+def _evict_on_a_full_disk(spool: Spool, study: Study, when: dt.datetime) -> tuple[int, int]:
+    """Something else filled the disk to the last byte: SQLite cannot even write the tombstone.
+
+    These files are in the cloud, so deleting them first loses nothing; the tombstone then
+    goes into the room they leave. Should that write still fail, start-up reconciliation
+    reports the files missing (the cloud still has them) rather than anything being lost.
+    """
+    rows = _synced_rows(study)
+    if not rows:
+        return 0, 0
+    freed = _delete_files(spool, study, rows)
+    log.warning("retention: disk full to the last byte: study %s deleted before its tombstone (%d bytes; it is in the cloud)",
+                study.study_instance_uid, freed)
+    try:
+        with write_transaction():
+            _mark_evicted(study, rows, when)
+    except DatabaseError as exc:
+        log.error("retention: study %s deleted, but its tombstone could not be written: %s", study.study_instance_uid, exc)
     return len(rows), freed
 
 
