@@ -174,7 +174,7 @@ async def discover(interfaces: list[str], timeout_s: float = 3.0) -> list[Found]
         found: list[Found] = []
         for service_type, name in sorted(names):
             info = AsyncServiceInfo(service_type, name)
-            if not await info.async_request(azc.zeroconf, 2000):
+            if not await info.async_request(azc.zeroconf, 3000):  # a responder may hold back an answer it just sent
                 continue
             props = {
                 k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in info.properties.items()

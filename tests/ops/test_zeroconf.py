@@ -69,7 +69,7 @@ def test_node_announces_dicom_with_its_aet_and_withdraws_at_shutdown(node_factor
         assert http_info.request(watcher.zc, 3000) and http_info.port == node.console_port
 
         # `edge discover` (another process) finds it too.
-        found = json.loads(edge_cli(node.config, "discover", "--json", "--timeout", "2").stdout)
+        found = json.loads(edge_cli(node.config, "discover", "--json", "--timeout", "4").stdout)
         dicom = [f for f in found if f["type"] == DICOM_TYPE and f["properties"].get("node_id") == node_id]
         assert dicom and dicom[0]["properties"]["aet"] == "EDGE_ZC" and dicom[0]["port"] == node.port
 
