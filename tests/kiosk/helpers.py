@@ -28,18 +28,24 @@ def choose_language(page: Any, lang: str) -> None:
 
 
 def scan(page: Any, code: str) -> None:
-    """As the USB scanner does: the digits typed quickly, then Enter."""
+    """As the USB scanner does: the digits typed quickly, then Enter.
+
+    Only once the field has the focus (the page gives it on load: a scanner types into
+    whatever has it), and until the answer page has loaded: on a busy machine Enter's
+    navigation may not have begun when wait_for_load_state would look.
+    """
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'code'")
     page.keyboard.type(code, delay=5)
-    page.keyboard.press("Enter")
-    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
 
 
 def keypad(page: Any, digits: str) -> None:
     """Touch the on-screen keypad, then its OK key."""
     for d in digits:
         page.click(f".keypad button[data-key='{d}']")
-    page.click(".keypad button.ok")
-    page.wait_for_load_state()
+    with page.expect_navigation():  # the answer page, not the one still showing
+        page.click(".keypad button.ok")
 
 
 def main_text(page: Any) -> str:
