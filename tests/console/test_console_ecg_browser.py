@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,48 +26,16 @@ from pydicom import dcmread
 
 from tests.console.conftest import TECH, TECH_PASSWORD, console_node, log_in
 from tests.edge.helpers import query
+from tests.software_box import SoftwareBoxes
 
 GOOD_BOX, LEAD_OFF_BOX = "ECG-ROOM-1", "ECG-ROOM-2"
 ID_NUMBER = "9203150123082"  # a valid SA ID number (Luhn check digit)
 ARMED_MESSAGE = "The ECG box is ready: its next recording belongs to that patient."
 
 
-class Boxes:
-    """``edge ecg-sim`` processes; every one still running is terminated at the end."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def plug_in(self, link: Path, box_id: str, *flags: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge", "ecg-sim", str(link), "--pty", "--box-id", box_id, "--json", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def unplug(self, proc: subprocess.Popen[str], link: Path) -> None:
-        """SIGTERM: the box stops and its port (the link) goes away, as when the cable is pulled."""
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, err
-        assert not link.exists()
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.communicate(timeout=10)
-
-
 @pytest.fixture
-def boxes(tmp_path: Path) -> Iterator[Boxes]:
-    b = Boxes(tmp_path)
+def boxes() -> Iterator[SoftwareBoxes]:
+    b = SoftwareBoxes()
     try:
         yield b
     finally:
@@ -77,7 +43,7 @@ def boxes(tmp_path: Path) -> Iterator[Boxes]:
 
 
 def test_technician_arms_an_ecg_box_and_the_recording_lands_on_the_patients_visit(
-    node_factory: Any, boxes: Boxes, page: Any, tmp_path: Path
+    node_factory: Any, boxes: SoftwareBoxes, page: Any, tmp_path: Path
 ) -> None:
     good_link = tmp_path / "usb-ClinicEdge_ECG8_ROOM1-if00"
     lead_off_link = tmp_path / "usb-ClinicEdge_ECG8_ROOM2-if00"

@@ -33,9 +33,10 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
 class RunningBridge:
     """BridgeService on its own event loop thread, as ``edge serve bridge`` runs it."""
 
-    def __init__(self, config: EdgeConfig, spool: Spool) -> None:
+    def __init__(self, config: EdgeConfig, spool: Spool, service: BridgeService | None = None) -> None:
+        """``service``: one built elsewhere (as edge.node builds it); else a plain one that records what it kept."""
         self.kept: list[KeptInstance] = []
-        self.service = BridgeService(config, spool, on_kept=self.kept.append)
+        self.service = service or BridgeService(config, spool, on_kept=self.kept.append)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="bridge-loop", daemon=True)
         self._started = threading.Event()

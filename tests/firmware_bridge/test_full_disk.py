@@ -8,12 +8,10 @@ tests/edge/test_bad_input.py and tests/sync/test_retention.py); skipped where mo
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from edge.store.spool import Spool, keep_instance
 from firmware_bridge.boxes import recordings
 from firmware_bridge.service import BridgeService
 from tests.dicom_factory import make_dx
-from tests.firmware_bridge.conftest import BoxThread, wait_until
+from tests.firmware_bridge.conftest import BoxThread, RunningBridge, wait_until
 from tests.firmware_bridge.helpers import kept_dataset, kept_recordings
 from tests.small_disk import fill, mounted_tmpfs
 
@@ -57,41 +55,22 @@ def node_config(tmp_path: Path, link: Path, **storage: Any) -> EdgeConfig:
                          "storage": {"data_dir": str(tmp_path / "var"), **storage}, "bridge": bridge}, tmp_path)
 
 
-class NodeBridge:
+class NodeBridge(RunningBridge):
     """The bridge exactly as ``edge serve bridge`` builds it (edge.node.build_services), on a loop thread."""
 
     def __init__(self, config: EdgeConfig) -> None:
         [service] = build_services(config, ["bridge"])
         assert isinstance(service, BridgeService)
-        self.service = service
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="bridge-loop", daemon=True)
-        self._started = threading.Event()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.service.start())
-        self._started.set()
-        self.loop.run_forever()
+        super().__init__(config, Spool(config.data_dir), service)
 
     def start(self) -> NodeBridge:
-        self._thread.start()
-        assert self._started.wait(10)
+        super().start()
         wait_until(lambda: self.session_running(), what="bridge watching the port")
         return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(10)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
 
     def session_running(self) -> bool:
         return bridge_task_alive(self.service)
 
-    @property
-    def session(self) -> Any:
-        return next(iter(self.service.sessions.values()))
 
 
 @pytest.fixture

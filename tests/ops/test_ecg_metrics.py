@@ -29,6 +29,7 @@ from edge.store.db import database, open_database
 from edge.store.models import utcnow
 from tests.conftest import EdgeNode
 from tests.peers.pushgateway import PUSHGATEWAY, Pushgateway
+from tests.software_box import SoftwareBoxes
 
 GOOD_BOX, LEAD_OFF_BOX = "ECG-ROOM-1", "ECG-ROOM-2"
 SIM_BATTERY = 87.0  # what the software box's STATUS reports
@@ -73,39 +74,9 @@ def textfile(path: Path) -> dict[str, Any]:
     return parse(path.read_text()) if path.exists() else {}
 
 
-class Boxes:
-    """``edge ecg-sim --pty`` processes; every one still running is terminated at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def plug_in(self, link: Path, box_id: str, *flags: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge", "ecg-sim", str(link), "--pty", "--box-id", box_id, "--json", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def unplug(self, proc: subprocess.Popen[str]) -> None:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, err
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.communicate(timeout=10)
-
-
 @pytest.fixture
-def boxes() -> Iterator[Boxes]:
-    b = Boxes()
+def boxes() -> Iterator[SoftwareBoxes]:
+    b = SoftwareBoxes()
     try:
         yield b
     finally:
@@ -122,7 +93,7 @@ def pushgateway(tmp_path: Path) -> Iterator[Pushgateway]:
 
 
 def test_edge_run_reports_its_ecg_boxes_and_recordings_on_metrics_and_in_the_heartbeat(
-    node_factory: Any, boxes: Boxes, pushgateway: Pushgateway, tmp_path: Path
+    node_factory: Any, boxes: SoftwareBoxes, pushgateway: Pushgateway, tmp_path: Path
 ) -> None:
     good_link = tmp_path / "usb-ClinicEdge_ECG8_ROOM1-if00"
     lead_off_link = tmp_path / "usb-ClinicEdge_ECG8_ROOM2-if00"
@@ -181,7 +152,7 @@ def _serve(node: EdgeNode, service: str, ready: str) -> None:
 
 
 def test_console_and_ops_processes_report_the_box_the_bridge_process_sees(
-    node_factory: Any, boxes: Boxes, tmp_path: Path
+    node_factory: Any, boxes: SoftwareBoxes, tmp_path: Path
 ) -> None:
     link = tmp_path / "usb-ClinicEdge_ECG8_ROOM2-if00"
     prom = tmp_path / "textfile" / "clinic_edge.prom"
