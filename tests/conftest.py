@@ -218,3 +218,15 @@ def browser() -> Iterator[Any]:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture
+def boxes() -> Iterator[Any]:
+    """Software ECG boxes (``edge ecg-sim --pty``) for whole-node tests; switched off at the end."""
+    from tests.software_box import SoftwareBoxes
+
+    plugged = SoftwareBoxes()
+    try:
+        yield plugged
+    finally:
+        plugged.close()

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from playwright.sync_api import expect
 from pydicom import dcmread
 
@@ -31,15 +29,6 @@ from tests.software_box import SoftwareBoxes
 GOOD_BOX, LEAD_OFF_BOX = "ECG-ROOM-1", "ECG-ROOM-2"
 ID_NUMBER = "9203150123082"  # a valid SA ID number (Luhn check digit)
 ARMED_MESSAGE = "The ECG box is ready: its next recording belongs to that patient."
-
-
-@pytest.fixture
-def boxes() -> Iterator[SoftwareBoxes]:
-    b = SoftwareBoxes()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 def test_technician_arms_an_ecg_box_and_the_recording_lands_on_the_patients_visit(

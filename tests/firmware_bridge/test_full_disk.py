@@ -72,7 +72,6 @@ class NodeBridge(RunningBridge):
         return bridge_task_alive(self.service)
 
 
-
 @pytest.fixture
 def node_bridge(tmp_path: Path, link: Path) -> Iterator[Any]:
     running: list[NodeBridge] = []

@@ -75,15 +75,6 @@ def textfile(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def boxes() -> Iterator[SoftwareBoxes]:
-    b = SoftwareBoxes()
-    try:
-        yield b
-    finally:
-        b.close()
-
-
-@pytest.fixture
 def pushgateway(tmp_path: Path) -> Iterator[Pushgateway]:
     if not PUSHGATEWAY.exists():
         pytest.skip("needs prometheus-pushgateway")
