@@ -18,7 +18,7 @@ import serial
 import serial_asyncio
 from peewee import DatabaseError
 
-from edge.store.spool import KeptInstance, RejectedInstance, Spool, keep_instance
+from edge.store.spool import KeptInstance, RejectedInstance, Spool, is_out_of_space, keep_instance
 from firmware_bridge import boxes
 from firmware_bridge.config import BridgeSection
 from firmware_bridge.const import PROTOCOL_VERSION, Msg, Nak
@@ -405,15 +405,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _storage_reason(exc: BaseException) -> str:
-    """What went wrong writing, in words: the root cause when SQLite's rollback error hides it."""
-    chain: list[BaseException] = []
-    cause: BaseException | None = exc
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    for cause in chain:  # "cannot rollback - no transaction is active" hides "database or disk is full"
-        if getattr(cause, "errno", None) == errno.ENOSPC or "full" in str(cause).lower():
-            return f"disk full ({getattr(cause, 'strerror', None) or cause})"
+    """What went wrong writing, in words (``write_transaction`` already surfaces SQLite's own cause)."""
+    if is_out_of_space(exc):
+        return f"disk full ({getattr(exc, 'strerror', None) or exc})"
     if isinstance(exc, OSError):
         return f"{exc.strerror or exc}" + (f" ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else "")
     return str(exc) or type(exc).__name__

@@ -18,7 +18,7 @@ from peewee import DatabaseError, fn
 
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
-from edge.store.spool import Spool
+from edge.store.spool import Spool, is_out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def evict_study(spool: Spool, study: Study) -> tuple[int, int]:
                 return 0, 0
             _mark_evicted(study, rows, now)
     except DatabaseError as exc:
-        if "full" not in str(exc).lower():
+        if not is_out_of_space(exc):
             raise
         return _evict_on_a_full_disk(spool, study, now)
     freed = _delete_files(spool, study, rows)

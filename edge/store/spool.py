@@ -233,7 +233,7 @@ def keep_instance(
         # Nothing was committed: take the file back out so no half-kept instance remains.
         if received != final and final.exists() and not received.exists():
             os.replace(final, received)
-        status = 0xA700 if _is_out_of_space(exc) else 0xC001
+        status = 0xA700 if is_out_of_space(exc) else 0xC001
         raise RejectedInstance(status, f"could not keep instance: {exc}") from None
     log.info(
         "kept instance %s of study %s (%s, %d bytes) from %s",
@@ -246,7 +246,8 @@ def keep_instance(
     return KeptInstance(header.sop_instance_uid, header.study_instance_uid, duplicate=False)
 
 
-def _is_out_of_space(exc: Exception) -> bool:
+def is_out_of_space(exc: BaseException) -> bool:
+    """ENOSPC from a file write, or SQLite's "database or disk is full" (``write_transaction`` surfaces it)."""
     return getattr(exc, "errno", None) == errno.ENOSPC or "full" in str(exc).lower()
 
 
