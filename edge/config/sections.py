@@ -41,8 +41,21 @@ class DicomSection(Section):
     modality_ae: str = "DR"
     modality_host: str = ""
     modality_port: int = Field(default=104, ge=1, le=65535)
+    # More of the clinic's modalities (a second DR, a CR reader), as "AE@host".
+    other_modalities: list[str] = Field(default_factory=list)
 
     _check_ae = field_validator("ae_title", "modality_ae")(check_ae_title)
+
+    @field_validator("other_modalities")
+    @classmethod
+    def _check_modalities(cls, values: list[str]) -> list[str]:
+        checked = []
+        for value in values:
+            ae, sep, host = value.partition("@")
+            if not sep or not host.strip():
+                raise ValueError(f"{value!r}: write each modality as \"AE@host\", e.g. \"CR1@192.168.1.21\"")
+            checked.append(f"{check_ae_title(ae)}@{host.strip()}")
+        return checked
 
     @field_validator("allowed_calling_aets")
     @classmethod
