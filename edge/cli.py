@@ -44,6 +44,7 @@ def cmd_run(config: EdgeConfig, args: argparse.Namespace) -> int:
 
 def cmd_studies(config: EdgeConfig, args: argparse.Namespace) -> int:
     from edge.store.queries import list_studies
+    from edge.ops.terminal import printable
 
     _open_store(config)
     rows = list_studies(limit=args.limit)
@@ -54,13 +55,14 @@ def cmd_studies(config: EdgeConfig, args: argparse.Namespace) -> int:
         print("no studies on this node yet")
         return 0
     print(f"{'received (UTC)':20}  {'accession':16}  {'mod':6}  {'inst':>5}  {'sync':11}  {'report':7}  study")
-    for r in rows:
+    for r in rows:  # every value came from a DICOM header or the cloud: printable() keeps the terminal ours
         print(
-            f"{(r.received_at or '')[:19]:20}  {r.accession_number or '-':16}  {','.join(r.modalities) or '-':6}  "
-            f"{r.instances:>5}  {r.sync_state:11}  {r.report_state:7}  {r.study_instance_uid}"
+            f"{printable((r.received_at or '')[:19]):20}  {printable(r.accession_number or '-'):16}  "
+            f"{printable(','.join(r.modalities) or '-'):6}  {r.instances:>5}  {printable(r.sync_state):11}  "
+            f"{printable(r.report_state):7}  {printable(r.study_instance_uid)}"
         )
         if r.last_error:
-            print(f"{'':22}reason: {r.last_error}")
+            print(f"{'':22}reason: {printable(r.last_error)}")
     return 0
 
 

@@ -84,6 +84,9 @@ class ConsoleSection(Section):
     exams: list[str] = Field(default_factory=list)
     xray_modality: str = Field(default="DX", pattern=r"^[A-Z]{2,8}$")
     secure_cookies: bool = False
+    # HTTPS for the console (edge.console.tls): PEM certificate and key; both "" = plain http.
+    tls_cert: str = ""
+    tls_key: str = ""
     session_idle_minutes: float = Field(default=120.0, gt=0, le=24 * 60)
     max_login_failures: int = Field(default=5, ge=1, le=100)
     login_lockout_minutes: float = Field(default=15.0, gt=0, le=24 * 60)

@@ -1,8 +1,17 @@
-"""Console accounts: scrypt password hashes, lockout after repeated failures, login sessions.
+"""Console accounts: scrypt password hashes, login delays after repeated failures, sessions.
 
 The browser holds only a random token; the database keeps its SHA-256 and the session's
-CSRF token. Failed logins count per account and lock it for a while, in the database,
-so a restart does not reset the count.
+CSRF token.
+
+Wrong logins slow the source, they never lock the account: failures count per (user
+name as typed, client address), and after ``max_login_failures`` of them that pair waits
+1 s, then 2, 4, … up to ``login_lockout_minutes`` before its next try is even evaluated.
+A stranger guessing at the technician's name from a phone slows only the phone; the
+technician at the reception PC logs in as usual. The count lives in the database (a
+restart does not reset it, ``edge user unlock`` clears it from another process) and a
+try is counted *before* its password is checked, in one write transaction, so fifty
+concurrent guesses cannot all slip past the limit. An unknown name is counted, delayed,
+checked (against a dummy hash) and answered exactly like a known one.
 """
 
 from __future__ import annotations
@@ -11,11 +20,14 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 from dataclasses import dataclass
 
-from edge.console.tables import ConsoleSession, ConsoleUser
+from peewee import fn
+
+from edge.console.tables import ConsoleSession, ConsoleUser, LoginDelay
 from edge.orders.tables import audit
 from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
 from edge.store.db import write_transaction
@@ -27,30 +39,35 @@ ROLES = ("technician", "admin")
 # scrypt at ~16 MiB and ~50 ms a check: affordable per login, costly per guess.
 MIN_PASSWORD = 8
 _USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+# A (user, address) pair with no wrong login for this long starts again from zero.
+FORGET_AFTER = dt.timedelta(hours=24)
+WRONG = "Wrong user name or password."
 
 
 class AccountError(ValueError):
-    """Shown to the admin or technician as it is."""
+    """Shown to the admin or technician as it is (the CLI); the console shows its ``code``'s fixed text."""
 
-
+    def __init__(self, message: str, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def check_new_password(password: str) -> None:
     if len(password) < MIN_PASSWORD:
-        raise AccountError(f"the password must be at least {MIN_PASSWORD} characters")
+        raise AccountError(f"the password must be at least {MIN_PASSWORD} characters", "short_password")
 
 
 def add_user(name: str, role: str, password: str, by: str = "cli") -> ConsoleUser:
     name = name.strip().lower()
     if not _USER_NAME.match(name):
-        raise AccountError("a user name is 1-32 lower-case letters, digits, '.', '_' or '-'")
+        raise AccountError("a user name is 1-32 lower-case letters, digits, '.', '_' or '-'", "bad_user_name")
     if role not in ROLES:
-        raise AccountError(f"role must be one of: {', '.join(ROLES)}")
+        raise AccountError(f"role must be one of: {', '.join(ROLES)}", "bad_role")
     check_new_password(password)
     hashed = hash_secret(password)
     with write_transaction():
         if ConsoleUser.get_or_none(ConsoleUser.name == name) is not None:
-            raise AccountError(f"user {name!r} already exists")
+            raise AccountError(f"user {name!r} already exists", "user_exists")
         user = ConsoleUser.create(name=name, role=role, password_hash=hashed)
         audit(by, "user_added", detail=f"{name} ({role})")
     log.info("console: user %s added (%s) by %s", name, role, by)
@@ -61,26 +78,30 @@ def set_password(name: str, password: str, by: str = "cli") -> None:
     check_new_password(password)
     hashed = hash_secret(password)
     with write_transaction():
-        n = ConsoleUser.update(password_hash=hashed, failed_logins=0, locked_until=None).where(
-            ConsoleUser.name == name).execute()
+        n = ConsoleUser.update(password_hash=hashed).where(ConsoleUser.name == name).execute()
         if not n:
-            raise AccountError(f"no user {name!r}")
+            raise AccountError(f"no user {name!r}", "no_user")
+        LoginDelay.delete().where(LoginDelay.user_name == name).execute()
         ConsoleSession.delete().where(ConsoleSession.user.in_(
             ConsoleUser.select(ConsoleUser.id).where(ConsoleUser.name == name))).execute()
         audit(by, "password_set", detail=name)
 
 
-def unlock_user(name: str, by: str = "cli") -> None:
+def unlock_user(name: str, by: str = "cli") -> int:
+    """End every login delay on the user's name (from any address); returns how many ended."""
     with write_transaction():
-        if not ConsoleUser.update(failed_logins=0, locked_until=None).where(ConsoleUser.name == name).execute():
-            raise AccountError(f"no user {name!r}")
-        audit(by, "user_unlocked", detail=name)
+        if ConsoleUser.get_or_none(ConsoleUser.name == name) is None:
+            raise AccountError(f"no user {name!r}", "no_user")
+        ended = LoginDelay.delete().where(LoginDelay.user_name == name).execute()
+        audit(by, "user_unlocked", detail=f"{name}: {ended} login delay(s) ended")
+    log.info("console: login delays of user %s ended by %s (%d address(es))", name, by, ended)
+    return int(ended)
 
 
 def set_disabled(name: str, disabled: bool, by: str = "cli") -> None:
     with write_transaction():
         if not ConsoleUser.update(disabled=disabled).where(ConsoleUser.name == name).execute():
-            raise AccountError(f"no user {name!r}")
+            raise AccountError(f"no user {name!r}", "no_user")
         if disabled:
             ConsoleSession.delete().where(ConsoleSession.user.in_(
                 ConsoleUser.select(ConsoleUser.id).where(ConsoleUser.name == name))).execute()
@@ -92,44 +113,73 @@ class LoginResult:
     ok: bool
     message: str = ""
     user_id: int | None = None
+    wait_s: int = 0  # > 0: the try was not evaluated, the pair must wait this long
 
 
-def log_in(name: str, password: str, max_failures: int, lockout_minutes: float, client: str) -> LoginResult:
-    """Check a password under the lockout rule; audit every outcome (never the password)."""
-    name = name.strip().lower()[:64]
+def login_delay_s(failures: int, free_failures: int, max_delay_s: float) -> float:
+    """Seconds a pair waits after ``failures`` wrong logins: none for the first few, then 1, 2, 4 … up to the cap."""
+    if failures < free_failures:
+        return 0.0
+    return float(min(2.0 ** min(failures - free_failures, 30), max_delay_s))
+
+
+def _wait_text(seconds: float) -> str:
+    whole = max(1, math.ceil(seconds))
+    return f"{whole} s" if whole < 120 else f"{math.ceil(whole / 60)} min"
+
+
+def _count_try(name: str, client: str, free_failures: int, max_delay_s: float) -> tuple[float, float]:
+    """Count this try against the pair before it is evaluated: (seconds still to wait, delay after this try).
+
+    Wait > 0: refused without counting. Otherwise the try is counted as a failure now and
+    forgiven if the password turns out right, so concurrent tries queue on this one
+    transaction instead of all reading the same count.
+    """
     now = utcnow()
-    user = ConsoleUser.get_or_none(ConsoleUser.name == name)
-    if user is None or user.disabled:
-        secret_matches(password, DUMMY_HASH)  # same time as a real check: no oracle for user names
-        with write_transaction():
-            audit(name or "?", "login_failed", detail="unknown or disabled user", client=client)
-        log.info("console: login from %s failed: unknown or disabled user", client)
-        return LoginResult(False, "Wrong user name or password.")
-    if user.locked_until is not None and user.locked_until > now:
-        minutes = max(1, round((user.locked_until - now).total_seconds() / 60))
-        with write_transaction():
-            audit(name, "login_locked", detail="account locked", client=client)
-        return LoginResult(False, f"Too many wrong passwords: this account is locked for about {minutes} more "
-                                  "minute(s). An admin can unlock it now.")
-    if not secret_matches(password, user.password_hash):
-        with write_transaction():
-            failed = ConsoleUser.get_by_id(user.id).failed_logins + 1
-            locked = failed >= max_failures
-            ConsoleUser.update(
-                failed_logins=0 if locked else failed,
-                locked_until=now + dt.timedelta(minutes=lockout_minutes) if locked else None,
-            ).where(ConsoleUser.id == user.id).execute()
-            audit(name, "login_failed", detail="wrong password" + ("; account locked" if locked else ""), client=client)
-        if locked:
-            log.warning("console: user %s locked for %.0f min after %d wrong passwords (from %s)",
-                        name, lockout_minutes, max_failures, client)
-            return LoginResult(False, f"Too many wrong passwords: this account is locked for "
-                                      f"{lockout_minutes:g} minutes. An admin can unlock it now.")
-        log.info("console: login as %s from %s failed: wrong password", name, client)
-        return LoginResult(False, "Wrong user name or password.")
     with write_transaction():
-        ConsoleUser.update(failed_logins=0, locked_until=None, last_login_at=now).where(
-            ConsoleUser.id == user.id).execute()
+        LoginDelay.delete().where(LoginDelay.last_failure_at < now - FORGET_AFTER).execute()
+        row = LoginDelay.get_or_none(LoginDelay.user_name == name, LoginDelay.client == client)
+        if row is not None and row.next_try_at > now:
+            return (row.next_try_at - now).total_seconds(), 0.0
+        failures = (row.failures if row is not None else 0) + 1
+        delay = login_delay_s(failures, free_failures, max_delay_s)
+        (LoginDelay.insert(user_name=name, client=client, failures=failures,
+                           next_try_at=now + dt.timedelta(seconds=delay), last_failure_at=now)
+         .on_conflict(conflict_target=[LoginDelay.user_name, LoginDelay.client],
+                      update={LoginDelay.failures: failures, LoginDelay.next_try_at: now + dt.timedelta(seconds=delay),
+                              LoginDelay.last_failure_at: now})
+         .execute())
+    return 0.0, delay
+
+
+def log_in(name: str, password: str, max_failures: int, max_delay_minutes: float, client: str) -> LoginResult:
+    """Check a password under the per-(user, address) delay; audit every outcome (never the password).
+
+    Unknown, disabled and wrong all read "Wrong user name or password." and cost one scrypt
+    check each; a pair that must wait is answered at once, without a check, the same way
+    whether the name exists or not.
+    """
+    name = name.strip().lower()[:64]
+    client = client[:64]
+    who = name or "?"
+    wait, delay = _count_try(name, client, max_failures, max_delay_minutes * 60)
+    if wait > 0:
+        with write_transaction():
+            audit(who, "login_throttled", detail=f"tried again {wait:.0f} s too early", client=client)
+        log.info("console: login try from %s refused: must wait %.0f s after wrong logins", client, wait)
+        return LoginResult(False, f"Too many tries: wait {_wait_text(wait)}, then try again.", wait_s=math.ceil(wait))
+    user = ConsoleUser.get_or_none(ConsoleUser.name == name)
+    matches = secret_matches(password, user.password_hash if user is not None else DUMMY_HASH)
+    if user is None or user.disabled or not matches:
+        reason = "unknown user" if user is None else "disabled user" if user.disabled else "wrong password"
+        with write_transaction():
+            audit(who, "login_failed", detail=reason + (f"; next try in {delay:.0f} s" if delay else ""), client=client)
+        log.info("console: login from %s failed: %s", client, reason)
+        return LoginResult(False, WRONG + (f" Too many tries: wait {_wait_text(delay)}, then try again." if delay else ""))
+    now = utcnow()
+    with write_transaction():
+        LoginDelay.delete().where(LoginDelay.user_name == name, LoginDelay.client == client).execute()
+        ConsoleUser.update(last_login_at=now).where(ConsoleUser.id == user.id).execute()
         audit(name, "login", client=client)
     log.info("console: %s logged in from %s", name, client)
     return LoginResult(True, user_id=user.id)
@@ -196,10 +246,14 @@ def csrf_ok(expected: str, given: str | None) -> bool:
 
 
 def list_users() -> list[dict[str, object]]:
+    """Users with role and state; ``slowed``: addresses now made to wait before trying that name again."""
     now = utcnow()
+    slowed = {name: count for name, count in
+              LoginDelay.select(LoginDelay.user_name, fn.COUNT(LoginDelay.id))
+              .where(LoginDelay.next_try_at > now).group_by(LoginDelay.user_name).tuples()}
     return [
         {"name": u.name, "role": u.role, "disabled": u.disabled,
-         "locked": bool(u.locked_until and u.locked_until > now),
+         "slowed": int(slowed.get(u.name, 0)),
          "last_login": u.last_login_at.isoformat(timespec="seconds") + "Z" if u.last_login_at else None}
         for u in ConsoleUser.select().order_by(ConsoleUser.name)
     ]

@@ -22,13 +22,17 @@ QUEUED = ("pending", "failed")
 
 
 class ActionError(LookupError):
-    """Shown to the technician as it is."""
+    """What went wrong, for the log; the console shows its ``code``'s fixed text (edge.console.pages.ERRORS)."""
+
+    def __init__(self, message: str, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _order(order_id: int) -> Order:
     order = Order.get_or_none(Order.id == order_id)
     if order is None:
-        raise ActionError("That visit no longer exists.")
+        raise ActionError("That visit no longer exists.", "no_visit")
     return order
 
 
@@ -91,7 +95,7 @@ def retry(order_id: int, by: str, client: str = "") -> int:
 def reprint(order_id: int, by: str, client: str = "") -> None:
     order = _order(order_id)
     if not order.ticket_code:
-        raise ActionError("This visit has no kiosk slip.")
+        raise ActionError("This visit has no kiosk slip.", "no_slip")
     allow_reprint(order.ticket_code, by=by)
     with write_transaction():
         audit(by, "allow_reprint", order, "one more print at the kiosk", client)

@@ -63,11 +63,15 @@ class ConsoleService:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        from edge.console.tls import console_ssl_context
+
+        ssl_context = console_ssl_context(self.config)  # None: plain http; a bad file stops start-up naming the key
         self._runner = web.AppRunner(make_app(self.config, self.services, self.wake_sync), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         cfg = self.config.console
-        await web.TCPSite(self._runner, cfg.bind_address, cfg.port).start()
-        log.info("console: listening on %s:%d (console, /healthz, /metrics)", cfg.bind_address, cfg.port)
+        await web.TCPSite(self._runner, cfg.bind_address, cfg.port, ssl_context=ssl_context).start()
+        log.info("console: listening on %s://%s:%d (console, /healthz, /metrics)",
+                 "https" if ssl_context else "http", cfg.bind_address, cfg.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

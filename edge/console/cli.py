@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from edge.config import EdgeConfig
+from edge.ops.terminal import printable
 
 
 def add_commands(sub: Any) -> None:
@@ -22,7 +23,7 @@ def add_commands(sub: Any) -> None:
     listing = users.add_parser("list", help="console users with role and state")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_list)
-    for name, helptext in (("unlock", "end a lockout after too many wrong passwords"),
+    for name, helptext in (("unlock", "end the login delays wrong passwords put on this user's name (every address)"),
                            ("disable", "stop a user logging in (ends their sessions)"),
                            ("enable", "let a disabled user log in again")):
         p = users.add_parser(name, help=helptext)
@@ -60,7 +61,7 @@ def cmd_add(config: EdgeConfig, args: argparse.Namespace) -> int:
     try:
         add_user(args.name, args.role, password, by="cli")
     except AccountError as exc:
-        print(f"edge user add: {exc}", file=sys.stderr)
+        print(f"edge user add: {printable(exc)}", file=sys.stderr)
         return 2
     print(f"user {args.name.strip().lower()} added ({args.role}); log in at the console, port {config.console.port}")
     return 0
@@ -77,8 +78,11 @@ def cmd_list(config: EdgeConfig, args: argparse.Namespace) -> int:
     if not rows:
         print("no console users yet: edge user add NAME --role admin")
     for r in rows:
-        state = "locked" if r["locked"] else "disabled" if r["disabled"] else "active"
-        print(f"{r['name']:20} {r['role']:11} {state:9} last login {r['last_login'] or 'never'}")
+        state = "disabled" if r["disabled"] else "active"
+        slowed = f"  (wrong passwords: {r['slowed']} address(es) must wait; edge user unlock {r['name']})" \
+            if r["slowed"] else ""
+        print(f"{printable(r['name']):20} {printable(r['role']):11} {state:9} "
+              f"last login {printable(r['last_login'] or 'never')}{printable(slowed)}")
     return 0
 
 
@@ -86,15 +90,17 @@ def cmd_state(config: EdgeConfig, args: argparse.Namespace) -> int:
     from edge.console.accounts import AccountError, set_disabled, unlock_user
 
     _open_store(config)
+    name = printable(args.name)
     try:
         if args.action == "unlock":
-            unlock_user(args.name)
+            ended = unlock_user(args.name)
         else:
             set_disabled(args.name, args.action == "disable")
     except AccountError as exc:
-        print(f"edge user {args.action}: {exc}", file=sys.stderr)
+        print(f"edge user {args.action}: {printable(exc)}", file=sys.stderr)
         return 1
-    print(f"user {args.name}: {args.action}d" if args.action != "unlock" else f"user {args.name} unlocked")
+    print(f"user {name}: {args.action}d" if args.action != "unlock"
+          else f"user {name}: {ended} login delay(s) ended; they can try again from every address")
     return 0
 
 
@@ -108,7 +114,7 @@ def cmd_passwd(config: EdgeConfig, args: argparse.Namespace) -> int:
     try:
         set_password(args.name, password)
     except AccountError as exc:
-        print(f"edge user passwd: {exc}", file=sys.stderr)
+        print(f"edge user passwd: {printable(exc)}", file=sys.stderr)
         return 1
-    print(f"password of {args.name} changed; their sessions are ended")
+    print(f"password of {printable(args.name)} changed; their sessions and login delays are ended")
     return 0

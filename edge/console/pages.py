@@ -33,9 +33,36 @@ MESSAGES = {
     "assigned": "The study now belongs to that visit.",
     "armed": "The ECG box is ready: its next recording belongs to that patient.",
     "user_added": "User added.",
-    "unlocked": "Account unlocked.",
+    "unlocked": "Login delays ended: the user can try again from every PC now.",
     "logged_out": "You are logged out.",
 }
+
+# What ``?error=CODE`` shows. Only these fixed texts reach a page from the URL; an unknown
+# code shows nothing, so a link cannot put words on the technician's screen.
+ERRORS = {
+    "no_visit": "That visit no longer exists.",
+    "no_slip": "This visit has no kiosk slip.",
+    "no_study": "That study is no longer on this node.",
+    "no_order": "That order does not exist.",
+    "choose_visit": "Choose the visit the images belong to.",
+    "choose_ecg_patient": "Choose the patient for the next ECG.",
+    "failed": "That could not be done. Reload the page and try again; the node's log has the reason.",
+    "bad_user_name": "A user name is 1-32 lower-case letters, digits, '.', '_' or '-'.",
+    "short_password": "The password must be at least 8 characters.",
+    "bad_role": "The role must be technician or admin.",
+    "user_exists": "A user with that name already exists.",
+    "no_user": "There is no user with that name.",
+}
+
+
+def message_text(code: str) -> str:
+    """The fixed text for ``?msg=CODE``; "" for anything else."""
+    return MESSAGES.get(code, "")
+
+
+def error_text(code: str) -> str:
+    """The fixed text for ``?error=CODE``; "" for anything else."""
+    return ERRORS.get(code, "")
 
 LANG_NAMES = {"en": "English", "zu": "isiZulu", "xh": "isiXhosa", "af": "Afrikaans", "st": "Sesotho"}
 
@@ -269,13 +296,21 @@ def registered_page(clinic: str, user: str, role: str, csrf: str, row: VisitRow,
     return layout("Registered", body, clinic, user, role, csrf, page="registered")
 
 
+def _user_state(u: dict[str, Any]) -> str:
+    if u["disabled"]:
+        return "disabled"
+    if u["slowed"]:
+        return e(f'active; wrong passwords from {u["slowed"]} address(es): those must wait before trying again')
+    return "active"
+
+
 def users_page(clinic: str, user: str, role: str, csrf: str, users: Sequence[dict[str, Any]],
                message: str = "", error: str = "") -> str:
     rows = "".join(
-        f'<tr><td>{e(u["name"])}</td><td>{e(u["role"])}</td><td>{"locked" if u["locked"] else "disabled" if u["disabled"] else "active"}</td>'
+        f'<tr><td>{e(u["name"])}</td><td>{e(u["role"])}</td><td>{_user_state(u)}</td>'
         f'<td>{e(u["last_login"] or "never")}</td><td>'
         + (f'<form method="post" action="/users/unlock">{csrf_field(csrf)}<input type="hidden" name="name" value="{e(u["name"])}">'
-           '<button type="submit">Unlock</button></form>' if u["locked"] else "")
+           '<button type="submit">End login delays</button></form>' if u["slowed"] else "")
         + "</td></tr>"
         for u in users
     )

@@ -1,7 +1,8 @@
-"""The console's tables: local user accounts and their login sessions.
+"""The console's tables: local user accounts, their login sessions, and login delays.
 
-In the database rather than in memory so that ``edge user add`` (another process) and a
-console restart see the same accounts, and a lockout survives a restart.
+In the database rather than in memory so that ``edge user add`` / ``edge user unlock``
+(another process) and a console restart see the same accounts, and a delay survives a
+restart.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class ConsoleUser(StoreModel):
     name = CharField(max_length=64, unique=True)
     role = CharField(max_length=16)  # technician | admin
     password_hash = CharField(max_length=255)
-    failed_logins = IntegerField(default=0)
-    locked_until = DateTimeField(null=True)
+    failed_logins = IntegerField(default=0)  # unused since v2: failures count per (user, address), see LoginDelay
+    locked_until = DateTimeField(null=True)  # unused since v2
     disabled = BooleanField(default=False)
     created_at = DateTimeField(default=utcnow)
     last_login_at = DateTimeField(null=True)
@@ -47,6 +48,24 @@ class ConsoleSession(StoreModel):
         table_name = "console_session"
 
 
+class LoginDelay(StoreModel):
+    """Wrong logins from one address for one user name, and when that pair may try again.
+
+    Keyed by the name as typed (known or not, so the table says nothing about which names
+    exist) and the client address: a stranger's guesses slow only the stranger.
+    """
+
+    user_name = CharField(max_length=64)
+    client = CharField(max_length=64)
+    failures = IntegerField(default=0)
+    next_try_at = DateTimeField(default=utcnow)
+    last_failure_at = DateTimeField(default=utcnow, index=True)
+
+    class Meta:
+        table_name = "console_login_delay"
+        indexes = ((("user_name", "client"), True),)
+
+
 CONSOLE_TABLES = [ConsoleUser, ConsoleSession]
 
 
@@ -54,4 +73,8 @@ def _v1_console_tables(db: SqliteDatabase) -> None:
     db.create_tables(CONSOLE_TABLES, safe=True)
 
 
-MIGRATIONS = [_v1_console_tables]
+def _v2_login_delays(db: SqliteDatabase) -> None:
+    db.create_tables([LoginDelay], safe=True)
+
+
+MIGRATIONS = [_v1_console_tables, _v2_login_delays]

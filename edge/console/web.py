@@ -96,8 +96,9 @@ def _html(text: str, status: int = 200) -> web.Response:
 
 
 def _set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str) -> None:
+    cfg = _ctx(request).config.console
     response.set_cookie(name, value, httponly=True, samesite="Strict", path="/",
-                        secure=_ctx(request).config.console.secure_cookies)
+                        secure=cfg.secure_cookies or bool(cfg.tls_cert))  # served over https: never send it in clear
 
 
 def _forbidden(reason: str) -> web.Response:
@@ -157,7 +158,7 @@ def _login_token(request: web.Request) -> str:
 
 async def login_form(request: web.Request) -> web.StreamResponse:
     token = _login_token(request)
-    msg = pages.MESSAGES.get(request.query.get("msg", ""), "")
+    msg = pages.message_text(request.query.get("msg", ""))
     response = _html(pages.login_page(_ctx(request).config.node.name, token, msg))
     _set_cookie(request, response, LOGIN_COOKIE, token)
     return response
@@ -177,7 +178,10 @@ async def login(request: web.Request) -> web.StreamResponse:
         accounts.log_in, name, password, cfg.max_login_failures, cfg.login_lockout_minutes, _client(request))
     if not result.ok or result.user_id is None:
         token = _login_token(request)
-        response = _html(pages.login_page(ctx.config.node.name, token, result.message, name), status=401)
+        response = _html(pages.login_page(ctx.config.node.name, token, result.message, name),
+                         status=429 if result.wait_s else 401)
+        if result.wait_s:
+            response.headers["Retry-After"] = str(result.wait_s)
         _set_cookie(request, response, LOGIN_COOKIE, token)
         return response
     cookie, _ = await asyncio.to_thread(accounts.new_session, result.user_id)
@@ -223,8 +227,8 @@ async def today(request: web.Request) -> web.StreamResponse:
     rows, unmatched, boxes = await asyncio.to_thread(_today_data)
     return _html(pages.today_page(
         ctx.config.node.name, session.user, session.role, session.csrf, rows, unmatched, boxes,
-        ctx.config.console.refresh_s, pages.MESSAGES.get(request.query.get("msg", ""), ""),
-        request.query.get("error", "")[:200], box_signature=_box_signature(boxes),
+        ctx.config.console.refresh_s, pages.message_text(request.query.get("msg", "")),
+        pages.error_text(request.query.get("error", "")), box_signature=_box_signature(boxes),
     ))
 
 
@@ -346,16 +350,29 @@ async def visit_action(request: web.Request) -> web.StreamResponse:
         else:
             raise web.HTTPNotFound()
     except (actions.ActionError, LookupError) as exc:
-        raise web.HTTPSeeOther(f"/?error={_quote(str(exc))}") from None
+        raise _error_redirect("/", exc) from None
     if action in ("stat", "send-now", "retry") and ctx.wake_sync is not None:
         ctx.wake_sync()
     raise web.HTTPSeeOther(f"/?msg={msg}")
 
 
-def _quote(text: str) -> str:
-    from urllib.parse import quote
+def _error_redirect(page: str, error: Exception | str) -> web.HTTPSeeOther:
+    """Back to ``page`` with ``?error=CODE``: the URL carries a code, never words (pages.ERRORS).
 
-    return quote(text[:200])
+    An error with a ``code`` uses it; one whose text is a known message gets that message's
+    code; anything else reads "could not be done" and its text goes to the log instead.
+    """
+    if isinstance(error, str):
+        code = error
+    else:
+        code = getattr(error, "code", None) or _ERROR_BY_TEXT.get(str(error), "failed")
+        if code not in pages.ERRORS or code == "failed":
+            log.warning("console: action on %s failed: %s", page, error)
+            code = "failed"
+    return web.HTTPSeeOther(f"{page}?error={code}")
+
+
+_ERROR_BY_TEXT = {text: code for code, text in pages.ERRORS.items()}
 
 
 async def assign(request: web.Request) -> web.StreamResponse:
@@ -364,11 +381,11 @@ async def assign(request: web.Request) -> web.StreamResponse:
     try:
         order_id = int(str(data.get("order", "")))
     except ValueError:
-        raise web.HTTPSeeOther(f"/?error={_quote('Choose the visit the images belong to.')}") from None
+        raise _error_redirect("/", "choose_visit") from None
     try:
         await asyncio.to_thread(assign_study, str(data.get("study", "")), order_id, session.user, _client(request))
     except AssignError as exc:
-        raise web.HTTPSeeOther(f"/?error={_quote(str(exc))}") from None
+        raise _error_redirect("/", exc) from None
     raise web.HTTPSeeOther("/?msg=assigned")
 
 
@@ -380,7 +397,7 @@ async def arm_box(request: web.Request) -> web.StreamResponse:
         order_id = int(str(data.get("order", "")))
         await asyncio.to_thread(actions.arm, box, order_id, session.user, _client(request))
     except (ValueError, actions.ActionError):
-        raise web.HTTPSeeOther(f"/?error={_quote('Choose the patient for the next ECG.')}") from None
+        raise _error_redirect("/", "choose_ecg_patient") from None
     raise web.HTTPSeeOther("/?msg=armed")
 
 
@@ -391,8 +408,8 @@ async def users(request: web.Request) -> web.StreamResponse:
     ctx, session = _ctx(request), _admin(request)
     listing = await asyncio.to_thread(accounts.list_users)
     return _html(pages.users_page(ctx.config.node.name, session.user, session.role, session.csrf, listing,
-                                  pages.MESSAGES.get(request.query.get("msg", ""), ""),
-                                  request.query.get("error", "")[:200]))
+                                  pages.message_text(request.query.get("msg", "")),
+                                  pages.error_text(request.query.get("error", ""))))
 
 
 async def users_add(request: web.Request) -> web.StreamResponse:
@@ -402,7 +419,7 @@ async def users_add(request: web.Request) -> web.StreamResponse:
         await asyncio.to_thread(accounts.add_user, str(data.get("name", "")), str(data.get("role", "")),
                                 str(data.get("password", "")), session.user)
     except accounts.AccountError as exc:
-        raise web.HTTPSeeOther(f"/users?error={_quote(str(exc))}") from None
+        raise _error_redirect("/users", exc) from None
     raise web.HTTPSeeOther("/users?msg=user_added")
 
 
@@ -412,7 +429,7 @@ async def users_unlock(request: web.Request) -> web.StreamResponse:
     try:
         await asyncio.to_thread(accounts.unlock_user, str(data.get("name", "")), session.user)
     except accounts.AccountError as exc:
-        raise web.HTTPSeeOther(f"/users?error={_quote(str(exc))}") from None
+        raise _error_redirect("/users", exc) from None
     raise web.HTTPSeeOther("/users?msg=unlocked")
 
 

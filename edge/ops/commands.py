@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from edge.config import EdgeConfig, resolve_config_path
+from edge.ops.terminal import printable
 
 
 def cmd_doctor(config: EdgeConfig, args: argparse.Namespace) -> int:
@@ -37,10 +38,10 @@ def cmd_discover(config: EdgeConfig, args: argparse.Namespace) -> int:
     if not found:
         print(f"nothing found on the LAN in {args.timeout:.0f}s (_dicom._tcp, _http._tcp)")
         return 0
-    for f in found:
+    for f in found:  # names and TXT records are whatever a device on the LAN announced
         kind = "DICOM" if f.type.startswith("_dicom.") else "HTTP"
         extra = f"aet={f.properties.get('aet', '?')}" if kind == "DICOM" else f"path={f.properties.get('path', '/')}"
-        print(f"{kind:5}  {','.join(f.addresses) or '-'}:{f.port:<5}  {extra:20}  {f.name}")
+        print(f"{kind:5}  {printable(','.join(f.addresses) or '-')}:{f.port:<5}  {printable(extra):20}  {printable(f.name)}")
     return 0
 
 
@@ -100,7 +101,9 @@ def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
         push_token = _secret(args.pushgateway_token)
         if push_token:
             prov.secrets["pushgateway_secrets"] = {"token": push_token}
-        if not prov.settings and not prov.secrets and prov.disk_key is None:
+        if args.console_tls or args.console_tls_host:
+            prov.console_tls_hosts = [*(prov.console_tls_hosts or []), *(args.console_tls_host or [])]
+        if not prov.settings and not prov.secrets and prov.disk_key is None and prov.console_tls_hosts is None:
             print("edge provision: nothing to write (give --node-id, --cloud-url, --token … or --from-file)", file=sys.stderr)
             return 2
         if args.disk_key_out:  # first boot, before the data partition (and so edge.toml) exists
@@ -150,6 +153,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     prov.add_argument("--token", help="cloud bearer token, into [cloud] secrets_file (mode 600); - reads stdin")
     prov.add_argument("--pushgateway-url", help="[ops] pushgateway_url")
     prov.add_argument("--pushgateway-token", help="Pushgateway bearer token, into [ops] pushgateway_secrets_file; - reads stdin")
+    prov.add_argument("--console-tls", action="store_true",
+                      help="make a self-signed certificate and key (mode 600) for the console's https, for this "
+                           "node's names and addresses, and set [console] tls_cert/tls_key (kept if already there)")
+    prov.add_argument("--console-tls-host", action="append", metavar="NAME",
+                      help="another name or address the certificate must cover (repeatable; implies --console-tls)")
     prov.add_argument("--from-file", help="a provisioning file (edge-provision.toml) to apply")
     prov.add_argument("--disk-key-out", help="only write the file's [disk] luks_key here (mode 600): first boot's step before the data partition exists")
     prov.add_argument("--image-boot", metavar="DIR", help="write edge-provision.toml into an image's boot partition instead")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from edge.config import EdgeConfig
 from edge.ops.health import disk_free_bytes, port_listening
+from edge.ops.terminal import printable
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +274,10 @@ async def run_doctor(config: EdgeConfig, config_path: str) -> list[Item]:
 
 def format_items(items: list[Item]) -> str:
     lines = []
-    for item in items:
-        lines.append(f"{item.verdict.upper():5} {item.name:11} {item.detail}")
+    for item in items:  # details quote peers (the cloud's answer, a box's firmware): printable() for the terminal
+        lines.append(f"{item.verdict.upper():5} {item.name:11} {printable(item.detail)}")
         if item.hint and item.verdict in ("fail", "warn"):
-            lines.append(f"{'':17} fix: {item.hint}")
+            lines.append(f"{'':17} fix: {printable(item.hint)}")
     counts = {v: sum(item.verdict == v for item in items) for v in ("fail", "pass", "warn", "skip")}
     lines.append(f"{counts['fail']} failed, {counts['pass']} passed, {counts['warn']} warnings, {counts['skip']} skipped")
     return "\n".join(lines)

@@ -9,12 +9,19 @@ Credentials never go into edge.toml: they go to the secrets files (mode 600) tha
 The same settings can be dropped as ``edge-provision.toml`` on an image's boot
 partition; the first-boot unit applies that file and deletes it (a FAT partition has no
 file modes, so credentials must not stay there).
+
+``--console-tls`` (a ``[console_tls]`` table in the file) makes the console's self-signed
+certificate and key (mode 600) next to edge.toml for the node's names and addresses and
+sets ``[console] tls_cert``/``tls_key``; on an image it is made at first boot, on the node,
+so the key never leaves the box and the addresses are the box's own.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,8 @@ SECRET_TABLES: dict[str, tuple[str, str, str]] = {
     "pushgateway_secrets": ("ops", "pushgateway_secrets_file", "pushgateway-secrets.toml"),
 }
 _SECRET_KEYS = {"token", "username", "password"}
+# The console's certificate and key, next to edge.toml unless [console] tls_cert/tls_key say otherwise.
+CONSOLE_TLS_FILES = {"tls_cert": "console-tls.crt", "tls_key": "console-tls.key"}
 
 
 class ProvisionError(Exception):
@@ -45,6 +54,7 @@ class Provisioning:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     disk_key: bytes | None = None
+    console_tls_hosts: list[str] | None = None  # None: no certificate; a list: make one, with these extra names
 
     def set(self, section: str, key: str, value: Any) -> None:
         if value is not None:
@@ -57,6 +67,8 @@ class Provisioning:
             doc[section] = values
         if self.disk_key is not None:
             doc["disk"] = {"luks_key": base64.b64encode(self.disk_key).decode()}
+        if self.console_tls_hosts is not None:
+            doc["console_tls"] = {"hosts": self.console_tls_hosts}
         return tomlkit.dumps(doc)
 
 
@@ -76,6 +88,11 @@ def read_provision_file(path: Path) -> Provisioning:
             if unknown:
                 raise ProvisionError(f"{path}: [{name}] unknown key(s) {', '.join(sorted(unknown))}")
             prov.secrets[name] = {k: str(v) for k, v in table.items()}
+        elif name == "console_tls":
+            hosts = table.get("hosts", [])
+            if set(table) - {"hosts"} or not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+                raise ProvisionError(f"{path}: [console_tls] takes only hosts = [\"name or address\", …]")
+            prov.console_tls_hosts = list(hosts)
         elif name == "disk":
             try:
                 prov.disk_key = base64.b64decode(str(table["luks_key"]), validate=True)
@@ -139,6 +156,9 @@ def apply(config_path: Path, prov: Provisioning) -> list[str]:
         target = Path(str(table[key]))
         target = target if target.is_absolute() else config_path.parent / target
         secret_files.append((target, tomlkit.dumps(creds)))
+    tls_files: tuple[Path, Path] | None = None
+    if prov.console_tls_hosts is not None:
+        tls_files = _console_tls_keys(doc, config_path, changed)
     try:
         parse_config(doc.unwrap(), config_path.resolve().parent, str(config_path))
     except ConfigError as exc:
@@ -147,10 +167,50 @@ def apply(config_path: Path, prov: Provisioning) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, text, 0o600, owner_of=config_path.parent)
         changed.append(f"secrets file {target}")
+    if tls_files is not None and not all(p.exists() for p in tls_files):
+        from edge.console.tls import make_self_signed
+
+        node = doc.get("node") or {}
+        node_id = str(node.get("id", "clinic-0001"))
+        hosts = node_hosts(node_id, prov.console_tls_hosts or [])
+        make_self_signed(tls_files[0], tls_files[1], str(node.get("name", node_id)), hosts)
+        changed.append(f"secrets file {tls_files[1]} and certificate {tls_files[0]} for {', '.join(hosts)}")
     if any(not c.startswith("secrets file") for c in changed):
         mode = config_path.stat().st_mode & 0o777 if config_path.exists() else 0o640
         atomic_write(config_path, tomlkit.dumps(doc), mode)
     return changed
+
+
+def _console_tls_keys(doc: tomlkit.TOMLDocument, config_path: Path, changed: list[str]) -> tuple[Path, Path]:
+    """Point [console] tls_cert/tls_key at the certificate files (defaults next to edge.toml); their paths."""
+    table = doc.get("console")
+    if table is None:
+        table = tomlkit.table()
+        doc["console"] = table
+    if not isinstance(table, Table):
+        raise ProvisionError(f"{config_path}: [console] is not a table")
+    paths = []
+    for key, default in CONSOLE_TLS_FILES.items():
+        if not table.get(key):
+            table[key] = default
+            changed.append(f"[console] {key}")
+        path = Path(str(table[key]))
+        paths.append(path if path.is_absolute() else config_path.parent / path)
+    return paths[0], paths[1]
+
+
+def node_hosts(node_id: str, extra: list[str]) -> list[str]:
+    """What the clinic's PCs may type to reach this node: its names, its mDNS name, its addresses."""
+    import ifaddr
+
+    hostname = socket.gethostname()
+    hosts = [*extra, hostname, f"{hostname}.local", f"{node_id}.local", "localhost"]
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            address = ip.ip if ip.is_IPv4 else ip.ip[0]
+            if isinstance(address, str) and not ipaddress.ip_address(address.split("%")[0]).is_link_local:
+                hosts.append(address.split("%")[0])
+    return list(dict.fromkeys(h for h in hosts if h))
 
 
 def write_boot_file(boot_dir: Path, prov: Provisioning) -> Path:

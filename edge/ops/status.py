@@ -6,6 +6,7 @@ from typing import Any
 
 from edge.config import EdgeConfig
 from edge.ops.health import check_disk, disk_free_bytes, port_listening
+from edge.ops.terminal import printable
 from edge.store.queries import (
     count_instances,
     count_missing_files,
@@ -52,28 +53,33 @@ def node_status(config: EdgeConfig) -> dict[str, Any]:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The human view: one line per item, problems spelled out."""
+    """The human view: one line per item, problems spelled out.
+
+    Values from the cloud (error reasons), the boxes (ids, firmware) and the config go
+    through printable(): a control code in one of them must not reach the terminal.
+    """
+    p = printable
     node, outbox, store, disk = status["node"], status["outbox"], status["store"], status["disk"]
-    lines = [f"node      {node['id']} ({node['name']}), AE title {node['ae_title']}"]
-    lines += [f"service   {name}: {state}" for name, state in status["services"].items()]
+    lines = [f"node      {p(node['id'])} ({p(node['name'])}), AE title {p(node['ae_title'])}"]
+    lines += [f"service   {p(name)}: {p(state)}" for name, state in status["services"].items()]
     age = outbox["oldest_age_s"]
     lines.append(
         f"outbox    {outbox['depth']} waiting"
         + (f", oldest {age // 60} min" if age is not None else "")
         + (f", quarantined {outbox['by_state']['quarantined']}" if outbox["by_state"].get("quarantined") else "")
     )
-    lines.append(f"uploaded  last at {outbox['last_upload_at'] or 'never'} to {outbox['cloud']}")
+    lines.append(f"uploaded  last at {p(outbox['last_upload_at'] or 'never')} to {p(outbox['cloud'])}")
     if outbox["last_error"] and outbox["depth"]:
-        lines.append(f"PROBLEM   last upload {outbox['last_error']['state']}: {outbox['last_error']['reason']}")
+        lines.append(f"PROBLEM   last upload {p(outbox['last_error']['state'])}: {p(outbox['last_error']['reason'])}")
     lines.append(f"store     {store['studies']} studies, {store['instances']} instances, {store['bytes'] / 2**20:.1f} MB")
     if store["files_missing"]:
         lines.append(f"PROBLEM   {store['files_missing']} instance file(s) missing from the spool (see event log)")
     lines.append(f"disk      {disk['free_mb']} MB free (minimum {disk['min_free_mb']} MB)" + ("" if disk["ok"] else "  PROBLEM: disk full, C-STORE refused"))
     for box in status.get("boxes", []):
         lines.append(
-            f"ecg box   {box['box_id']}: firmware {box['firmware'] or '?'}, "
-            f"battery {'?' if box['battery_pct'] is None else str(box['battery_pct']) + '%'}, "
-            + ("connected" if box["connected"] else f"not connected (last seen {box['last_seen']})")
-            + (f", LEAD OFF {','.join(box['lead_off'])}" if box["lead_off"] and box["connected"] else "")
+            f"ecg box   {p(box['box_id'])}: firmware {p(box['firmware'] or '?')}, "
+            f"battery {'?' if box['battery_pct'] is None else p(box['battery_pct']) + '%'}, "
+            + ("connected" if box["connected"] else f"not connected (last seen {p(box['last_seen'])})")
+            + (f", LEAD OFF {p(','.join(box['lead_off']))}" if box["lead_off"] and box["connected"] else "")
         )
     return "\n".join(lines)
