@@ -43,6 +43,9 @@ class DicomSection(Section):
     modality_port: int = Field(default=104, ge=1, le=65535)
     # More of the clinic's modalities (a second DR, a CR reader), as "AE@host".
     other_modalities: list[str] = Field(default_factory=list)
+    # The worklist answers steps from today - days_back to today + days_ahead, never more.
+    worklist_days_back: int = Field(default=0, ge=0, le=7)
+    worklist_days_ahead: int = Field(default=0, ge=0, le=7)
 
     _check_ae = field_validator("ae_title", "modality_ae")(check_ae_title)
 

@@ -41,6 +41,8 @@ from pynetdicom.utils import make_target
 
 from edge.config import EdgeConfig
 from edge.dicom import find_responses, receive_file
+from edge.dicom.identifier import read_identifier
+from edge.dicom.modalities import ModalityDirectory
 from edge.dicom.const import (
     ACSE_TIMEOUT_S,
     STATUS_OUT_OF_RESOURCES,
@@ -70,6 +72,9 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 OnKept = Callable[[KeptInstance], None]
+# The worklist refuses a peer that is not one of the clinic's modalities with "Unable to process" and a comment:
+# a DR shows that failure (0x0124 "Not Authorized" is not in the C-FIND table; findscu prints "Unknown Status").
+STATUS_FIND_REFUSED = 0xC000
 
 
 def _calling(event: Any) -> str:
@@ -154,6 +159,7 @@ class DicomService:
         self._server: ThreadedAssociationServer | None = None
         self._accepted: set[int] = set()
         self._lock = threading.Lock()
+        self.modalities = ModalityDirectory(config.dicom)  # who may read the worklist (and keep a slot)
 
     def _make_ae(self) -> AE:
         cfg = self.config.dicom
@@ -297,22 +303,62 @@ class DicomService:
 
 
     def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-        """Modality Worklist C-FIND: the day's orders (edge.orders.worklist); a bad query gets one failure."""
-        calling = _calling(event)
+        """Modality Worklist C-FIND: for the clinic's modalities only (AE title and address), the window's orders.
+
+        A stranger, or any caller while no modality is configured, gets one refusal whose
+        comment the DR can show. The identifier is read strictly (edge.dicom.identifier), not
+        through ``event.identifier``. Every query, answered or refused, is one audit row.
+        """
+        calling, address = _calling(event), str(event.assoc.requestor.address)
+        cfg = self.config.dicom
+        if not self.modalities.configured:
+            yield self._refuse_find(calling, address, STATUS_FIND_REFUSED,
+                                    "worklist closed: set [dicom] modality_host", "no modality is configured")
+            return
+        if not self.modalities.is_modality(calling, address):
+            yield self._refuse_find(calling, address, STATUS_FIND_REFUSED,
+                                    "worklist: not one of this clinic's modalities",
+                                    "AE title and address match no configured modality")
+            return
+        syntax = event.context.transfer_syntax
+        raw = event.request.Identifier
+
+        def read() -> Dataset:
+            data = raw.getvalue() if raw is not None else b""
+            return read_identifier(data, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+
         sent = 0
-        implicit = bool(event.context.transfer_syntax.is_implicit_VR)
-        for status, identifier in worklist.answer(lambda: event.identifier, cancelled=lambda: event.is_cancelled,
-                                                  implicit_vr=implicit):
+        for status, identifier in worklist.answer(read, cancelled=lambda: event.is_cancelled,
+                                                  implicit_vr=bool(syntax.is_implicit_VR),
+                                                  days_back=cfg.worklist_days_back, days_ahead=cfg.worklist_days_ahead):
             if identifier is None:
                 code = status if isinstance(status, int) else int(status.Status)
-                if code != 0xFE00:
-                    log.warning("dicom: worklist query from %s refused (status 0x%04X): %s", calling, code,
-                                getattr(status, "ErrorComment", ""))
+                if code == 0xFE00:
+                    self._audit_find(calling, address, f"cancelled by the modality after {sent} item(s)")
+                else:
+                    comment = str(getattr(status, "ErrorComment", ""))
+                    log.warning("dicom: worklist query from %s (%s) refused (status 0x%04X): %s", calling, address,
+                                code, comment)
+                    self._audit_find(calling, address, f"refused (0x{code:04X}): {comment}", refused=True)
                 yield status, identifier
                 return
             sent += 1
             yield status, identifier
         log.info("dicom: worklist query from %s answered with %d item(s)", calling, sent)
+        self._audit_find(calling, address, f"answered {sent} item(s)")
+
+    def _refuse_find(self, calling: str, address: str, code: int, comment: str,
+                     why: str) -> tuple[Dataset, None]:
+        log.warning("dicom: worklist query from %s (%s) refused (status 0x%04X): %s", calling, address, code, why)
+        self._audit_find(calling, address, f"refused (0x{code:04X}): {why}", refused=True)
+        return _status(code, comment), None
+
+    def _audit_find(self, calling: str, address: str, outcome: str, refused: bool = False) -> None:
+        """The console's audit row for a worklist query; a failed write is logged, the DR still answered."""
+        try:
+            worklist.audit_query(calling, address, outcome, refused=refused)
+        except Exception as exc:
+            log.error("dicom: could not audit the worklist query from %s (%s): %s", calling, address, exc)
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -1,5 +1,11 @@
 """The Modality Worklist the DR reads: today's orders, filtered the way the DR asks.
 
+Only steps inside the window ``[dicom] worklist_days_back`` .. ``worklist_days_ahead``
+around today are ever answered (default: today only), whatever range the DR asks for: a
+worklist is the day's, not a search of every visit. An identifier that cannot be read as
+a worklist query is refused (edge.dicom.identifier reads it strictly), never answered as
+if it asked for nothing in particular.
+
 Called from pynetdicom association threads. One short read (orders of the asked dates,
 joined with their visits) runs before the first answer is sent, so no transaction stays
 open while the DR reads the answers. Filters on modality, station AE title, patient and
@@ -14,11 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom.dsutils import encode
 
-from edge.orders.tables import Order, Visit
+from edge.dicom.identifier import MalformedIdentifier
+from edge.orders.tables import Order, Visit, audit
+from edge.store.db import write_transaction
 
 STATUS_PENDING = 0xFF00
 STATUS_BAD_IDENTIFIER = 0xA900
@@ -55,7 +64,10 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:  # a multi-valued key
         raise BadQuery(STATUS_BAD_IDENTIFIER, f"{keyword} must have one value")
-    return str(value).strip()
+    text = str(value).strip()
+    if "\ufffd" in text:  # pydicom put replacement characters for bytes the character set cannot decode
+        raise BadQuery(STATUS_BAD_IDENTIFIER, f"{keyword} is not text in its character set")
+    return text
 
 
 def _check_date(value: str, keyword: str) -> str:
@@ -88,9 +100,25 @@ def date_range(value: str, today: dt.date) -> tuple[str, str]:
     return day, day
 
 
-def parse_query(identifier: Dataset, today: dt.date) -> WorklistQuery:
-    """The DR's identifier as a query, or BadQuery naming the problem."""
+def window(today: dt.date, days_back: int = 0, days_ahead: int = 0) -> tuple[str, str]:
+    """The dates the worklist may answer at all: today, widened by the configured days."""
+    return ((today - dt.timedelta(days=days_back)).strftime("%Y%m%d"),
+            (today + dt.timedelta(days=days_ahead)).strftime("%Y%m%d"))
+
+
+def parse_query(identifier: Dataset, today: dt.date, days_back: int = 0, days_ahead: int = 0) -> WorklistQuery:
+    """The DR's identifier as a query, its dates clamped to the window, or BadQuery naming the problem.
+
+    A range reaching outside the window (``19000101-``) is cut to it; one wholly outside it
+    matches nothing.
+    """
     try:
+        for _ in identifier.iterall():  # convert every element now: a broken value fails here, not half-way
+            pass
+        charsets = identifier.get("SpecificCharacterSet") or []
+        for charset in [charsets] if isinstance(charsets, str) else charsets:
+            if charset.strip() not in python_encoding:
+                raise BadQuery(STATUS_BAD_IDENTIFIER, f"unknown SpecificCharacterSet {charset[:16]!r}")
         steps = identifier.get("ScheduledProcedureStepSequence")
         step = Dataset()
         if steps is not None:
@@ -101,6 +129,8 @@ def parse_query(identifier: Dataset, today: dt.date) -> WorklistQuery:
             if len(steps) == 1:
                 step = steps[0]
         lo, hi = date_range(_text(step, "ScheduledProcedureStepStartDate"), today)
+        first, last = window(today, days_back, days_ahead)
+        lo, hi = max(lo, first), min(hi, last)
         return WorklistQuery(
             date_from=lo, date_to=hi,
             modality=_text(step, "Modality"),
@@ -115,19 +145,44 @@ def parse_query(identifier: Dataset, today: dt.date) -> WorklistQuery:
         raise BadQuery(STATUS_UNABLE_TO_PROCESS, f"cannot read the query: {type(exc).__name__}") from None
 
 
-@lru_cache(maxsize=256)
-def _pattern(key: str, fold: bool) -> re.Pattern[str]:
-    body = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in key)
-    return re.compile(f"^{body}$", re.IGNORECASE | re.DOTALL if fold else re.DOTALL)
+def _wildcard(key: str, value: str) -> bool:
+    """``*`` any run, ``?`` any one character, the rest literal: two pointers, no regex, no recursion.
+
+    On a mismatch after a ``*`` only that last star is widened by one character; every
+    earlier star stays put, because the text between two stars matched at its leftmost place
+    is never worse placed further right. So the work is at most len(key) * len(value) steps,
+    whatever the key: ``*?*?*?*?*?*?*?*Q`` against a long name is microseconds, where the
+    regex it replaces backtracked for seconds and held the GIL (C-ECHO and console stalled).
+    """
+    k = v = 0
+    star = -1  # index in key of the last '*' seen
+    resume = 0  # where in value that star's run currently ends
+    while v < len(value):
+        if k < len(key) and key[k] == "*":
+            star, resume = k, v
+            k += 1
+        elif k < len(key) and (key[k] == "?" or key[k] == value[v]):
+            k += 1
+            v += 1
+        elif star >= 0:
+            resume += 1
+            k, v = star + 1, resume
+        else:
+            return False
+    while k < len(key) and key[k] == "*":
+        k += 1
+    return k == len(key)
 
 
 def matches(key: str, value: str, fold: bool = False) -> bool:
-    """DICOM single-value / wildcard matching; an empty key or ``*`` matches anything."""
+    """DICOM single-value / wildcard matching; an empty key or ``*`` matches anything; ``fold``: any case."""
     if not key or key == "*":
         return True
+    if fold:
+        key, value = key.lower(), value.lower()
     if "*" not in key and "?" not in key:
-        return key.lower() == value.lower() if fold else key == value
-    return _pattern(key, fold).match(value) is not None
+        return key == value
+    return _wildcard(key, value)
 
 
 @dataclass(frozen=True)
@@ -230,13 +285,18 @@ def failure(status: int, reason: str) -> Dataset:
 
 def answer(read_identifier: Callable[[], Dataset], today: dt.date | None = None,
            cancelled: Callable[[], bool] = lambda: False,
-           implicit_vr: bool = True) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+           implicit_vr: bool = True, days_back: int = 0,
+           days_ahead: int = 0) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """C-FIND responses for pynetdicom: pending matches, or one failure for a bad query.
 
     ``implicit_vr``: the association's transfer syntax, so cached answers are already in it.
+    ``days_back`` / ``days_ahead``: the window around today that may be answered at all.
     """
     try:
-        query = parse_query(read_identifier(), today or dt.date.today())
+        query = parse_query(read_identifier(), today or dt.date.today(), days_back, days_ahead)
+    except MalformedIdentifier as exc:  # not a dataset at all: never "a query for nothing in particular"
+        yield failure(STATUS_BAD_IDENTIFIER, f"malformed identifier: {exc}"), None
+        return
     except BadQuery as exc:
         yield failure(exc.status, exc.reason), None
         return
@@ -248,3 +308,13 @@ def answer(read_identifier: Callable[[], Dataset], today: dt.date | None = None,
             yield 0xFE00, None
             return
         yield STATUS_PENDING, cached_dataset(item, implicit_vr)
+
+
+def audit_query(calling_ae: str, address: str, outcome: str, refused: bool = False) -> None:
+    """One row in the console's audit per worklist query: who asked, from where, what they got.
+
+    Runs on the association thread, through the store's one writer. ``outcome`` never holds
+    the query's keys (they can be a patient's name).
+    """
+    with write_transaction():
+        audit(calling_ae or "?", "worklist_refused" if refused else "worklist", detail=outcome, client=address)

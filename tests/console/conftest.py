@@ -22,7 +22,7 @@ def console_node(node_factory: Any, **sections: dict[str, Any]) -> EdgeNode:
     """A started ``edge run`` node with an admin and a technician account."""
     merged = {**QUIET, **sections}
     merged["node"] = {"id": "clinic-0042", "name": "Ikhaya Clinic", **merged.get("node", {})}
-    merged["dicom"] = {"modality_ae": "DR", **merged.get("dicom", {})}
+    merged["dicom"] = {"modality_ae": "DR", "modality_host": "127.0.0.1", **merged.get("dicom", {})}  # findscu's DR
     merged["console"] = {"exams": ["Knee X-ray"], **merged.get("console", {})}
     merged["kiosk"] = {"bind_address": "127.0.0.1", **merged.get("kiosk", {})}
     node: EdgeNode = node_factory(("run",), **merged)

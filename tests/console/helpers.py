@@ -80,13 +80,16 @@ def add_user(node: EdgeNode, name: str, password: str, role: str = "technician")
                     "--password-stdin"], input=password + "\n", text=True, check=True, capture_output=True, timeout=60)
 
 
-def findscu(node: EdgeNode, *keys: str, calling: str = "DR") -> subprocess.CompletedProcess[str]:
-    """DCMTK findscu -W (worklist) against the node, answers written as rsp*.dcm under ``node.tmp/find``."""
+def findscu(node: EdgeNode, *keys: str, calling: str = "DR", verbosity: str = "-v") -> subprocess.CompletedProcess[str]:
+    """DCMTK findscu -W (worklist) against the node, answers written as rsp*.dcm under ``node.tmp/find``.
+
+    ``verbosity="-d"`` also prints a failure's Error Comment (what a DR shows beside the status).
+    """
     out = node.tmp / "find"
     out.mkdir(exist_ok=True)
     for old in out.glob("*.dcm"):
         old.unlink()
-    args = [str(DCMTK / "findscu"), "-W", "-v", "-X", "-od", str(out), "-aet", calling, "-aec", node.ae_title]
+    args = [str(DCMTK / "findscu"), "-W", verbosity, "-X", "-od", str(out), "-aet", calling, "-aec", node.ae_title]
     for key in keys:
         args += ["-k", key]
     return subprocess.run([*args, "127.0.0.1", str(node.port)], capture_output=True, text=True, errors="replace",

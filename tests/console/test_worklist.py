@@ -96,7 +96,7 @@ def test_malformed_worklist_query_gets_a_clean_failure_and_the_node_stays_up(cno
     good = findscu(cnode, f"{SPS}.Modality=DX")
     assert good.returncode == 0 and len(find_answers(cnode)) == 2
     assert "Traceback" not in cnode.log_text()
-    assert "worklist query from DR refused (status 0xA900)" in cnode.log_text()
+    assert "worklist query from DR (127.0.0.1) refused (status 0xA900)" in cnode.log_text()
 
 
 def test_two_queries_on_one_association_each_get_their_own_answers(cnode: EdgeNode) -> None:
