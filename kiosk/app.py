@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def guard_settings(config: EdgeConfig) -> GuardSettings:
     return GuardSettings(
         max_pin_failures=k.max_pin_failures, lockout_minutes=k.lockout_minutes,
         throttle_after_failures=k.throttle_after_failures, throttle_window_s=k.throttle_window_s,
-        throttle_max_delay_s=k.throttle_max_delay_s, print_limit=k.print_limit,
+        throttle_max_delay_s=k.throttle_max_delay_s, throttle_node_failures=k.throttle_node_failures,
+        print_limit=k.print_limit,
         report_estimate_hours=k.report_estimate_hours,
     )
 
@@ -115,6 +117,34 @@ def _client(request: web.Request) -> str:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+NOT_THIS_SCREEN = "403: this kiosk answers only its own screen.\n"
+
+
+def screen_only(allowed_clients: Sequence[str]) -> Middleware:
+    """Refuse every client but the kiosk screen ([kiosk] allowed_clients): the LAN gets a 403.
+
+    The kiosk shows patients' reports; a laptop on the clinic's Wi-Fi must not be a kiosk.
+    An IPv4 client reaching a dual-stack socket (``::ffff:a.b.c.d``) counts as its IPv4 address.
+    """
+    networks = tuple(ipaddress.ip_network(entry, strict=False) for entry in allowed_clients)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        remote = request.remote or ""
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address is None or not any(address in network for network in networks):
+            log.warning("kiosk: refused %s %r from %s: not in [kiosk] allowed_clients",
+                        request.method, request.path[:64], remote[:64] or "unknown")
+            return web.Response(status=403, text=NOT_THIS_SCREEN, content_type="text/plain")
+        return await handler(request)
+
+    return middleware
 
 
 @web.middleware
@@ -216,7 +246,7 @@ async def pin_entered(request: web.Request) -> web.StreamResponse:
     if result.outcome == "not_ready":
         session.ticket_id, session.estimate_hours = None, result.estimate_hours
         raise _to("/not-ready")
-    if result.outcome in ("wrong_pin", "unknown_code"):
+    if result.outcome == "wrong_pin":  # an unknown code reads the same: no oracle for which codes exist
         text = t("wrong_pin")
         if result.tries_left is not None:
             text += " " + t("tries_left", count=result.tries_left)
@@ -351,7 +381,8 @@ async def _watch_printer(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(config: EdgeConfig, context: KioskContext | None = None) -> web.Application:
-    app = web.Application(middlewares=[private_pages], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[private_pages, screen_only(config.kiosk.allowed_clients)],
+                          client_max_size=64 * 1024)
     app[KIOSK] = context or make_context(config)
     app.cleanup_ctx.append(_watch_printer)
     app.router.add_get("/", start)

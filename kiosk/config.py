@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import string
 from typing import Literal
 
@@ -17,6 +18,7 @@ _TEMPLATE_FIELDS = {"study_uid", "token"}
 class KioskSection(Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=8081, ge=1, le=65535)
+    allowed_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
     idle_timeout_s: float = Field(default=60.0, ge=5, le=3600)
     pin_digits: int = Field(default=6, ge=4, le=8)
@@ -26,6 +28,7 @@ class KioskSection(Section):
     throttle_after_failures: int = Field(default=10, ge=1, le=1000)
     throttle_window_s: float = Field(default=600.0, gt=0, le=86400)
     throttle_max_delay_s: float = Field(default=60.0, gt=0, le=3600)
+    throttle_node_failures: int = Field(default=30, ge=1, le=10000)
     print_limit: int = Field(default=2, ge=1, le=100)
     report_estimate_hours: float = Field(default=24.0, gt=0, le=720)
     viewer_url_template: str = "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}&token={token}"
@@ -37,6 +40,18 @@ class KioskSection(Section):
     escpos_device: str = "/dev/usb/lp0"
     printer_check_interval_s: float = Field(default=15.0, gt=0, le=3600)
     collect_at: str = Field(default="the patient kiosk at reception", max_length=80)
+
+    @field_validator("allowed_clients")
+    @classmethod
+    def _check_clients(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list the kiosk screen's address, e.g. [\"127.0.0.1\", \"::1\"] for a screen on this box")
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network (e.g. \"192.168.1.20\")") from None
+        return value
 
     @field_validator("viewer_url_template")
     @classmethod

@@ -14,10 +14,12 @@ CODE_DIGITS: Final = 10  # nine random digits and a Luhn check digit
 # One audit row per event; ``action`` says what was tried, ``outcome`` how it ended.
 AuditAction = Literal["issue", "lookup", "print", "reprint_allowed"]
 LOOKUP_OUTCOMES: Final = (
-    "ready", "not_ready", "wrong_pin", "unknown_code", "bad_code", "locked", "throttled", "expired",
+    "checking", "ready", "not_ready", "wrong_pin", "unknown_code", "bad_code", "locked", "throttled", "expired",
 )
 PRINT_OUTCOMES: Final = ("printing", "printed", "failed", "limit_reached", "printer_unavailable")
-FAILED_LOOKUPS: Final = frozenset({"wrong_pin", "unknown_code"})
+# "checking": a try counted before its PIN is checked, so tries at once see each other.
+FAILED_LOOKUPS: Final = frozenset({"checking", "wrong_pin", "unknown_code"})
+PIN_FAILURES_KEPT_DAYS: Final = 1  # a code's wrong PINs are forgotten after a quiet day (unknown codes too)
 COUNTED_PRINTS: Final = ("printing", "printed")
 
 PrinterState = Literal["ok", "offline", "paper_out", "job_failed", "unknown"]

@@ -17,8 +17,8 @@ class Ticket(StoreModel):
     exam = CharField(max_length=128, default="")
     issued_at = DateTimeField(default=utcnow)
     expires_at = DateTimeField()
-    failed_pins = IntegerField(default=0)  # wrong PINs since the last lock or success
-    locked_until = DateTimeField(null=True)
+    failed_pins = IntegerField(default=0)  # unused since v2: PinGuard counts per code, issued or not
+    locked_until = DateTimeField(null=True)  # unused since v2
     extra_prints = IntegerField(default=0)  # reprints a technician allowed beyond the limit
 
     class Meta:
@@ -42,11 +42,31 @@ class KioskAudit(StoreModel):
         table_name = "kiosk_audit"
 
 
-KIOSK_TABLES = [Ticket, KioskAudit]
+class PinGuard(StoreModel):
+    """Wrong PINs against one submitted slip code, whether or not a slip has that code.
+
+    Kept per code typed, not per ticket, so "tries left" and "locked" read the same for a
+    code nobody was given: the kiosk never tells which codes exist.
+    """
+
+    code = CharField(max_length=16, unique=True)
+    failed_pins = IntegerField(default=0)  # wrong PINs since the last lock or right PIN
+    locked_until = DateTimeField(null=True)
+    last_try_at = DateTimeField(default=utcnow, index=True)
+
+    class Meta:
+        table_name = "kiosk_pin_guard"
+
+
+KIOSK_TABLES = [Ticket, KioskAudit, PinGuard]
 
 
 def _v1_kiosk_tables(db: SqliteDatabase) -> None:
     db.create_tables(KIOSK_TABLES, safe=True)
 
 
-MIGRATIONS = [_v1_kiosk_tables]
+def _v2_pin_guard(db: SqliteDatabase) -> None:  # a fresh node already has it from step 1
+    db.create_tables([PinGuard], safe=True)
+
+
+MIGRATIONS = [_v1_kiosk_tables, _v2_pin_guard]

@@ -2,8 +2,9 @@
 
 The console calls :func:`issue_ticket` when it registers a visit; the kiosk calls
 :func:`look_up` with what the patient entered. Only an scrypt hash of the PIN is kept.
-Wrong PINs lock the code for a while; a kiosk that keeps failing is slowed down; every
-lookup and print lands in the audit log (time, code, outcome, never the PIN).
+Wrong PINs lock the code for a while (any code typed, issued or not, so the kiosk never
+tells which codes exist); a kiosk, or the node as a whole, that keeps failing is slowed
+down; every lookup and print lands in the audit log (time, code, outcome, never the PIN).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from peewee import fn
+from peewee import Expression, fn
 
 from edge.check_digit import luhn_digit, luhn_ok
 from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
 from edge.store.db import write_transaction
 from edge.store.models import Study, utcnow
-from kiosk.const import CODE_DIGITS, COUNTED_PRINTS, FAILED_LOOKUPS
-from kiosk.tables import KioskAudit, Ticket
+from kiosk.const import CODE_DIGITS, COUNTED_PRINTS, FAILED_LOOKUPS, PIN_FAILURES_KEPT_DAYS
+from kiosk.tables import KioskAudit, PinGuard, Ticket
 from sync.reports import ReportView, report_for_study
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class GuardSettings:
     throttle_after_failures: int = 10
     throttle_window_s: float = 600.0
     throttle_max_delay_s: float = 60.0
+    throttle_node_failures: int = 30
     print_limit: int = 2
     report_estimate_hours: float = 24.0
 
@@ -58,7 +60,7 @@ class Lookup:
     """What a code + PIN came to; patient details only when ``outcome`` is ready/not_ready."""
 
     outcome: str
-    ticket_id: int | None = None
+    ticket_id: int | None = None  # only once the PIN was right
     wait_s: float = 0.0  # locked / throttled: how long until a try is worth it
     tries_left: int | None = None
     estimate_hours: float | None = None  # not_ready: plain estimate until the report comes
@@ -136,27 +138,31 @@ def issue_ticket(
 # ---------------------------------------------------------------------- lookup
 
 
-def client_wait_s(client: str, settings: GuardSettings, now: dt.datetime | None = None) -> float:
-    """Seconds this kiosk must wait before its next try; 0 when it may go on.
+def throttle_wait_s(client: str, settings: GuardSettings, now: dt.datetime | None = None) -> float:
+    """Seconds before the next try is taken; 0 when it may go on.
 
-    Past ``throttle_after_failures`` failed lookups in the window, each further failure
-    doubles the pause (1 s, 2 s, 4 s … up to ``throttle_max_delay_s``). Read from the audit
-    log, so a restart does not reset it.
+    Two budgets in ``throttle_window_s``: ``throttle_after_failures`` failed lookups from one
+    address, and ``throttle_node_failures`` from all addresses together (so rotating
+    addresses gains nothing). Past either, each further failure doubles the pause (1 s,
+    2 s, 4 s … up to ``throttle_max_delay_s``). Tries still being checked count as failed.
+    Read from the audit log, so a restart does not reset it.
     """
     now = now or utcnow()
     since = now - dt.timedelta(seconds=settings.throttle_window_s)
-    failures, last = (
-        KioskAudit.select(fn.COUNT(KioskAudit.id), fn.MAX(KioskAudit.at))
-        .where(
-            (KioskAudit.client == client)
-            & (KioskAudit.action == "lookup")
-            & (KioskAudit.outcome.in_(tuple(FAILED_LOOKUPS)))
-            & (KioskAudit.at >= since)
-        )
-        .tuples()
-        .get()
+    failed = (
+        (KioskAudit.action == "lookup")
+        & (KioskAudit.outcome.in_(tuple(FAILED_LOOKUPS)))
+        & (KioskAudit.at >= since)
     )
-    excess = int(failures) - settings.throttle_after_failures
+    return max(
+        _pause(failed & (KioskAudit.client == client), settings.throttle_after_failures, settings, now),
+        _pause(failed, settings.throttle_node_failures, settings, now),
+    )
+
+
+def _pause(where: Expression, budget: int, settings: GuardSettings, now: dt.datetime) -> float:
+    failures, last = KioskAudit.select(fn.COUNT(KioskAudit.id), fn.MAX(KioskAudit.at)).where(where).tuples().get()
+    excess = int(failures) - budget
     if excess < 0 or last is None:
         return 0.0
     last = last if isinstance(last, dt.datetime) else dt.datetime.fromisoformat(str(last))
@@ -164,67 +170,115 @@ def client_wait_s(client: str, settings: GuardSettings, now: dt.datetime | None 
     return max(0.0, pause - (now - last).total_seconds())
 
 
+@dataclass(frozen=True)
+class _Claim:
+    """A try taken under the rules and counted as failed until its PIN proves right."""
+
+    audit_id: int
+    ticket: Ticket | None
+    failed: int  # wrong PINs on this code, this try included
+    locks: bool  # this try, if wrong, is the one that locks the code
+
+
 def look_up(code_text: str, pin: str, client: str, settings: GuardSettings, data_dir: Path) -> Lookup:
-    """Check a code + PIN under the lockout and throttle rules, and audit the attempt."""
-    now = utcnow()
+    """Check a code + PIN under the lockout and throttle rules, and audit the attempt.
+
+    An unknown code and a real code with a wrong PIN take the same path, the same scrypt
+    check and the same answer ("wrong_pin" with tries left, then "locked"): the kiosk is
+    no oracle for which codes exist. The audit log (staff only) still tells them apart.
+    """
     code = normalise_code(code_text) or ""
-    wait = client_wait_s(client, settings, now)
-    if wait > 0:
-        _audit_lookup(code, None, client, "throttled")
-        return Lookup("throttled", wait_s=wait)
-    if not code:
-        _audit_lookup(code_text[:16] if code_text.isdigit() else "", None, client, "bad_code")
-        return Lookup("bad_code")
-    ticket = Ticket.get_or_none(Ticket.code == code)
-    if ticket is None:
-        secret_matches(pin, DUMMY_HASH)  # same time as a real check: no oracle for which codes exist
-        _audit_lookup(code, None, client, "unknown_code")
-        return Lookup("unknown_code")
-    if ticket.locked_until is not None and ticket.locked_until > now:
-        _audit_lookup(code, ticket.id, client, "locked")
-        return Lookup("locked", ticket.id, wait_s=(ticket.locked_until - now).total_seconds())
-    if not secret_matches(pin, ticket.pin_hash):
-        return _wrong_pin(ticket.id, code, client, settings)
+    claim = _claim_try(code, code_text, client, settings)
+    if isinstance(claim, Lookup):
+        return claim
+    ticket = claim.ticket
+    matched = secret_matches(pin, ticket.pin_hash if ticket is not None else DUMMY_HASH)
+    if not matched or ticket is None:  # the dummy hash matches no PIN
+        return _wrong_pin(claim, code, client, settings)
+    now = utcnow()
     if ticket.expires_at <= now:
-        _audit_lookup(code, ticket.id, client, "expired")
+        _finish_lookup(claim, code, "expired")
+        log.info("kiosk: lookup from %s: expired (ticket %d)", client, ticket.id)
         return Lookup("expired", ticket.id)
     study = _study_for(ticket.accession_number)
     ready = study is not None and report_for_study(study.study_instance_uid, data_dir) is not None
     outcome = "ready" if ready else "not_ready"
-    with write_transaction():
-        Ticket.update(failed_pins=0, locked_until=None).where(Ticket.id == ticket.id).execute()
-        KioskAudit.create(action="lookup", outcome=outcome, code=code, ticket=ticket.id, client=client)
+    _finish_lookup(claim, code, outcome)
     log.info("kiosk: lookup from %s: %s (ticket %d)", client, outcome, ticket.id)
     if ready:
         return Lookup("ready", ticket.id)
     return Lookup("not_ready", ticket.id, estimate_hours=_estimate_hours(study, settings, now))
 
 
-def _wrong_pin(ticket_id: int, code: str, client: str, settings: GuardSettings) -> Lookup:
-    now = utcnow()
+def _claim_try(code: str, code_text: str, client: str, settings: GuardSettings) -> _Claim | Lookup:
+    """Throttle, lock and count the try in one write transaction, before any PIN is checked.
+
+    The transaction is IMMEDIATE (SQLite's write lock, across processes too), so of any
+    number of tries at once exactly ``max_pin_failures`` reach the PIN check and the rest
+    see the lock; the throttle sees every try still being checked as a failure.
+    """
     with write_transaction():
-        ticket = Ticket.get_by_id(ticket_id)
-        failed = ticket.failed_pins + 1
-        if failed >= settings.max_pin_failures:
+        now = utcnow()
+        wait = throttle_wait_s(client, settings, now)
+        if wait > 0:
+            _audit(code, client, "throttled", now)
+            return Lookup("throttled", wait_s=wait)
+        if not code:
+            _audit(code_text[:16] if code_text.isdigit() else "", client, "bad_code", now)
+            return Lookup("bad_code")
+        PinGuard.delete().where(
+            (PinGuard.last_try_at < now - dt.timedelta(days=PIN_FAILURES_KEPT_DAYS))
+            & (PinGuard.locked_until.is_null() | (PinGuard.locked_until <= now))
+        ).execute()
+        guard = PinGuard.get_or_none(PinGuard.code == code)
+        if guard is not None and guard.locked_until is not None and guard.locked_until > now:
+            _audit(code, client, "locked", now)
+            return Lookup("locked", wait_s=(guard.locked_until - now).total_seconds())
+        (
+            PinGuard.insert(code=code, failed_pins=1, last_try_at=now)
+            .on_conflict(
+                conflict_target=[PinGuard.code],
+                update={PinGuard.failed_pins: PinGuard.failed_pins + 1, PinGuard.last_try_at: now,
+                        PinGuard.locked_until: None},
+            )
+            .execute()
+        )
+        failed = PinGuard.get(PinGuard.code == code).failed_pins
+        locks = failed >= settings.max_pin_failures
+        if locks:  # locked now, so a try arriving while this one is checked is refused
             until = now + dt.timedelta(minutes=settings.lockout_minutes)
-            Ticket.update(failed_pins=0, locked_until=until).where(Ticket.id == ticket_id).execute()
-            KioskAudit.create(action="lookup", outcome="wrong_pin", code=code, ticket=ticket_id, client=client,
-                              detail="code locked")
-        else:
-            until = None
-            Ticket.update(failed_pins=failed).where(Ticket.id == ticket_id).execute()
-            KioskAudit.create(action="lookup", outcome="wrong_pin", code=code, ticket=ticket_id, client=client)
-    if until is not None:
-        log.warning("kiosk: lookup from %s: wrong PIN, ticket %d locked until %sZ", client, ticket_id, until.isoformat(timespec="seconds"))
-        return Lookup("locked", ticket_id, wait_s=settings.lockout_minutes * 60)
-    log.info("kiosk: lookup from %s: wrong PIN (ticket %d, %d left)", client, ticket_id, settings.max_pin_failures - failed)
-    return Lookup("wrong_pin", ticket_id, tries_left=settings.max_pin_failures - failed)
+            PinGuard.update(failed_pins=0, locked_until=until).where(PinGuard.code == code).execute()
+        ticket = Ticket.get_or_none(Ticket.code == code)
+        row = KioskAudit.create(action="lookup", outcome="checking", code=code,
+                                ticket=ticket.id if ticket is not None else None, client=client, at=now)
+    return _Claim(int(row.id), ticket, failed, locks)
 
 
-def _audit_lookup(code: str, ticket_id: int | None, client: str, outcome: str) -> None:
+def _wrong_pin(claim: _Claim, code: str, client: str, settings: GuardSettings) -> Lookup:
+    outcome = "wrong_pin" if claim.ticket is not None else "unknown_code"
+    _finish_lookup(claim, code, outcome, "code locked" if claim.locks else "", forget_failures=False)
+    which = f"ticket {claim.ticket.id}" if claim.ticket is not None else "no such slip"
+    if claim.locks:
+        log.warning("kiosk: lookup from %s: %s (%s), code locked for %g min", client, outcome, which,
+                    settings.lockout_minutes)
+        return Lookup("locked", wait_s=settings.lockout_minutes * 60)
+    left = settings.max_pin_failures - claim.failed
+    log.info("kiosk: lookup from %s: %s (%s, %d left)", client, outcome, which, left)
+    return Lookup("wrong_pin", tries_left=left)
+
+
+def _finish_lookup(claim: _Claim, code: str, outcome: str, detail: str = "", forget_failures: bool = True) -> None:
+    """The try's final outcome on its audit row; a right PIN clears the code's wrong ones."""
     with write_transaction():
-        KioskAudit.create(action="lookup", outcome=outcome, code=code, ticket=ticket_id, client=client)
-    log.info("kiosk: lookup from %s: %s%s", client, outcome, f" (ticket {ticket_id})" if ticket_id else "")
+        KioskAudit.update(outcome=outcome, detail=detail).where(KioskAudit.id == claim.audit_id).execute()
+        if forget_failures:
+            PinGuard.delete().where(PinGuard.code == code).execute()
+
+
+def _audit(code: str, client: str, outcome: str, now: dt.datetime) -> None:
+    """One audit row for a try refused before its PIN was checked (inside the caller's transaction)."""
+    KioskAudit.create(action="lookup", outcome=outcome, code=code, client=client, at=now)
+    log.info("kiosk: lookup from %s: %s", client, outcome)
 
 
 def _study_for(accession_number: str) -> Study | None:
@@ -323,7 +377,8 @@ def allow_reprint(code_text: str, by: str = "technician", count: int = 1) -> int
         if ticket is None:
             raise LookupError("no slip with that code on this node")
         extra = ticket.extra_prints + count
-        Ticket.update(extra_prints=extra, locked_until=None, failed_pins=0).where(Ticket.id == ticket.id).execute()
+        Ticket.update(extra_prints=extra).where(Ticket.id == ticket.id).execute()
+        PinGuard.delete().where(PinGuard.code == code).execute()
         KioskAudit.create(action="reprint_allowed", outcome="allowed", code=code, ticket=ticket.id, client=by[:64],
                           detail=f"+{count}")
     log.info("kiosk: %d more print(s) allowed for ticket %d by %s", count, ticket.id, by)
