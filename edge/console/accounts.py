@@ -246,14 +246,18 @@ def csrf_ok(expected: str, given: str | None) -> bool:
 
 
 def list_users() -> list[dict[str, object]]:
-    """Users with role and state; ``slowed``: addresses now made to wait before trying that name again."""
-    now = utcnow()
-    slowed = {name: count for name, count in
-              LoginDelay.select(LoginDelay.user_name, fn.COUNT(LoginDelay.id))
-              .where(LoginDelay.next_try_at > now).group_by(LoginDelay.user_name).tuples()}
+    """Users with role and state.
+
+    ``wrong_login_addresses``: addresses with wrong logins on that name not yet followed by a
+    right one (in the last day); each of them waits longer after its next wrong try.
+    """
+    since = utcnow() - FORGET_AFTER
+    failing = {name: count for name, count in
+               LoginDelay.select(LoginDelay.user_name, fn.COUNT(LoginDelay.id))
+               .where(LoginDelay.last_failure_at >= since).group_by(LoginDelay.user_name).tuples()}
     return [
         {"name": u.name, "role": u.role, "disabled": u.disabled,
-         "slowed": int(slowed.get(u.name, 0)),
+         "wrong_login_addresses": int(failing.get(u.name, 0)),
          "last_login": u.last_login_at.isoformat(timespec="seconds") + "Z" if u.last_login_at else None}
         for u in ConsoleUser.select().order_by(ConsoleUser.name)
     ]

@@ -79,8 +79,8 @@ def cmd_list(config: EdgeConfig, args: argparse.Namespace) -> int:
         print("no console users yet: edge user add NAME --role admin")
     for r in rows:
         state = "disabled" if r["disabled"] else "active"
-        slowed = f"  (wrong passwords: {r['slowed']} address(es) must wait; edge user unlock {r['name']})" \
-            if r["slowed"] else ""
+        slowed = f"  (wrong passwords from {r['wrong_login_addresses']} address(es); edge user unlock {r['name']})" \
+            if r["wrong_login_addresses"] else ""
         print(f"{printable(r['name']):20} {printable(r['role']):11} {state:9} "
               f"last login {printable(r['last_login'] or 'never')}{printable(slowed)}")
     return 0

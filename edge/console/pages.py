@@ -297,11 +297,11 @@ def registered_page(clinic: str, user: str, role: str, csrf: str, row: VisitRow,
 
 
 def _user_state(u: dict[str, Any]) -> str:
-    if u["disabled"]:
-        return "disabled"
-    if u["slowed"]:
-        return e(f'active; wrong passwords from {u["slowed"]} address(es): those must wait before trying again')
-    return "active"
+    state = "disabled" if u["disabled"] else "active"
+    if u["wrong_login_addresses"]:
+        state += (f'; wrong passwords from {u["wrong_login_addresses"]} address(es) — each waits longer '
+                  'after every wrong try (other PCs are not affected)')
+    return e(state)
 
 
 def users_page(clinic: str, user: str, role: str, csrf: str, users: Sequence[dict[str, Any]],
@@ -310,7 +310,7 @@ def users_page(clinic: str, user: str, role: str, csrf: str, users: Sequence[dic
         f'<tr><td>{e(u["name"])}</td><td>{e(u["role"])}</td><td>{_user_state(u)}</td>'
         f'<td>{e(u["last_login"] or "never")}</td><td>'
         + (f'<form method="post" action="/users/unlock">{csrf_field(csrf)}<input type="hidden" name="name" value="{e(u["name"])}">'
-           '<button type="submit">End login delays</button></form>' if u["slowed"] else "")
+           '<button type="submit">End login delays</button></form>' if u["wrong_login_addresses"] else "")
         + "</td></tr>"
         for u in users
     )

@@ -134,7 +134,7 @@ def test_a_stranger_guessing_slows_only_the_stranger_and_unlock_ends_the_wait(fa
     status, text = seen["phone_right_password"]
     assert status == 429 and "Too many tries" in text  # not even the right password is checked while it waits
     assert seen["pc"] == (303, "/") and seen["pc_today"] == 200
-    assert "1 address(es) must wait" in seen["listed"].stdout
+    assert "wrong passwords from 1 address(es)" in seen["listed"].stdout
     assert "1 login delay(s) ended" in seen["unlock"].stdout
     assert seen["phone_after_unlock"] == (401, "Wrong user name or password.")
 
