@@ -7,6 +7,7 @@ import textwrap
 from escpos.printer import Dummy
 
 from kiosk.i18n import Catalog
+from kiosk.page_text import plain
 from kiosk.report_pdf import ReportPage, readable_date
 
 COLUMNS = 48  # font A on 80 mm paper (72 mm printable at 203 dpi)
@@ -25,12 +26,13 @@ def render_receipt(page: ReportPage, t: Catalog) -> bytes:
         p.text(_wrap(f"{label}: {value}", COLUMNS) + "\n")
     p.text("-" * COLUMNS + "\n")
     p.set(bold=True)
-    p.text(t("report_heading") + "\n")
+    p.text(_wrap(t("report_heading"), COLUMNS) + "\n")
     p.set(bold=False)
     if page.report.kind == "sr" and page.report.text.strip():
         for line in page.report.text.splitlines():
-            indent = " " * (len(line) - len(line.lstrip(" ")))
-            p.text((textwrap.fill(line.strip(), COLUMNS, initial_indent=indent, subsequent_indent=indent) or "") + "\n")
+            indent = " " * min(COLUMNS // 3, len(line) - len(line.lstrip(" ")))
+            p.text((textwrap.fill(plain(line.strip()), COLUMNS, initial_indent=indent, subsequent_indent=indent)
+                    or "") + "\n")
     else:
         p.text(_wrap(t("receipt_pdf_note"), COLUMNS) + "\n")
     p.text("\n")
@@ -44,4 +46,5 @@ def render_receipt(page: ReportPage, t: Catalog) -> bytes:
 
 
 def _wrap(text: str, width: int) -> str:
-    return textwrap.fill(text, width) if text else ""
+    """One value as wrapped lines, control characters gone: a DICOM value cannot send printer commands."""
+    return textwrap.fill(plain(text), width) if text else ""

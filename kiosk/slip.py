@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from xml.sax.saxutils import escape
 
 from reportlab.graphics.barcode.code128 import Code128
 from reportlab.lib.pagesizes import A6
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.pdfgen.canvas import Canvas
-from reportlab.platypus import Frame, Paragraph
+from reportlab.platypus import Frame
 
 from kiosk.fonts import page_fonts
 from kiosk.i18n import load_catalog
+from kiosk.page_text import paragraph, plain
 
 
 def group_code(code: str) -> str:
@@ -40,13 +40,16 @@ def render_slip(
     width, height = A6
     buffer = io.BytesIO()
     c = Canvas(buffer, pagesize=A6)
-    c.setTitle(t("slip_title"))
+    c.setTitle(plain(t("slip_title")))
     margin = 8 * mm
     y = height - margin
-    c.setFont(bold, 13)
-    c.drawString(margin, y - 12, clinic_name[:40])
+    clinic, size = plain(clinic_name[:40]), 13.0
+    while size > 7 and c.stringWidth(clinic, bold, size) > width - 2 * margin:  # a long name still fits
+        size -= 0.5
+    c.setFont(bold, size)
+    c.drawString(margin, y - 12, clinic)
     c.setFont(regular, 11)
-    c.drawString(margin, y - 28, t("slip_title"))
+    c.drawString(margin, y - 28, plain(t("slip_title")))
     barcode = Code128(code, barWidth=0.42 * mm, barHeight=18 * mm, quiet=True, lquiet=6 * mm, rquiet=6 * mm)
     bx = (width - barcode.width) / 2
     barcode.drawOn(c, bx, y - 36 - 18 * mm)
@@ -55,7 +58,7 @@ def render_slip(
     c.drawCentredString(width / 2, y, group_code(code))
     y -= 12 * mm
     c.setFont(regular, 11)
-    c.drawString(margin, y, t("pin_label"))
+    c.drawString(margin, y, plain(t("pin_label")))
     c.setFont(bold, 24)
     c.drawString(margin + 18 * mm, y - 2, " ".join(pin))
     y -= 6 * mm
@@ -64,7 +67,7 @@ def render_slip(
     if expires_at is not None:
         day = expires_at.date() if isinstance(expires_at, dt.datetime) else expires_at
         lines.append(t("slip_expires", date=day.isoformat()))
-    story = [Paragraph(escape(line), style) for line in lines]
+    story = [paragraph(line, style) for line in lines]
     Frame(margin, margin, width - 2 * margin, y - margin, leftPadding=0, rightPadding=0, showBoundary=0).addFromList(story, c)
     c.showPage()
     c.save()

@@ -65,12 +65,12 @@ def issue(data_dir: Path, accession: str, name: str, exam: str = "Chest X-ray") 
 class KioskNode:
     """A real `edge serve kiosk` process on its own loopback port and data dir."""
 
-    def __init__(self, where: Path, **kiosk: Any) -> None:
+    def __init__(self, where: Path, clinic_name: str = "Ikhaya Clinic", **kiosk: Any) -> None:
         where.mkdir(parents=True, exist_ok=True)
         self.tmp = where
         self.data_dir = where / "var"
         sections: dict[str, dict[str, Any]] = {
-            "node": {"id": "test-node", "name": "Ikhaya Clinic"},
+            "node": {"id": "test-node", "name": clinic_name},
             "kiosk": {"bind_address": "127.0.0.1", **kiosk},
         }
         self.config = write_config(where / "edge.toml", self.data_dir, **sections)
@@ -108,8 +108,8 @@ class KioskNode:
 def kiosk_factory(tmp_path: Path) -> Iterator[Any]:
     nodes: list[KioskNode] = []
 
-    def make(subdir: str = "node", **kiosk: Any) -> KioskNode:
-        node = KioskNode(tmp_path / subdir, **kiosk)
+    def make(subdir: str = "node", clinic_name: str = "Ikhaya Clinic", **kiosk: Any) -> KioskNode:
+        node = KioskNode(tmp_path / subdir, clinic_name, **kiosk)
         nodes.append(node)
         return node
 
