@@ -32,10 +32,17 @@ def _open_store(config: EdgeConfig) -> None:
 
 
 def cmd_run(config: EdgeConfig, args: argparse.Namespace) -> int:
-    names = SERVICE_NAMES if args.command == "run" else (args.service,)
     _setup_logging(config)
+    if args.command == "run":  # a supervisor of `edge serve` children: ingest apart from the web apps
+        from edge.supervisor import supervise
+
+        return asyncio.run(supervise(resolve_config_path(args.config), config.node.id))
+    from edge.supervisor import follow_supervisor
+
+    names = tuple(n for n in SERVICE_NAMES if n in args.service)
+    node_names = SERVICE_NAMES if follow_supervisor() else None  # a child of `edge run`: the node has them all
     try:
-        asyncio.run(run_services(config, names))
+        asyncio.run(run_services(config, names, node_names=node_names))
     except StartupError as exc:
         log.error("%s", exc)
         return 1
@@ -95,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"path to edge.toml (default: ${CONFIG_ENV} or ./edge.toml)")
     parser.add_argument("--version", action="version", version=f"edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="all services in one process").set_defaults(func=cmd_run)
-    serve = sub.add_parser("serve", help="one service, as its systemd unit runs it")
-    serve.add_argument("service", choices=SERVICE_NAMES)
+    sub.add_parser("run", help="all services: ingest and the web apps in separate processes").set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="one service, as its systemd unit runs it (or several in one process)")
+    serve.add_argument("service", nargs="+", choices=SERVICE_NAMES)
     serve.set_defaults(func=cmd_run)
     studies = sub.add_parser("studies", help="local studies with their sync and report state")
     studies.add_argument("--json", action="store_true", help="machine-readable output")

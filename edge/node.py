@@ -12,6 +12,7 @@ from peewee import DatabaseError
 
 from edge.config import EdgeConfig
 from edge.ops import sdnotify
+from edge.outbox_bell import BellListener, OutboxBell
 from edge.service import Service, ServiceSetupError
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
@@ -37,8 +38,30 @@ def _free_space_hint(config: EdgeConfig) -> str:
     return f" ({free_mb:.0f} MB free on the data disk)"
 
 
-def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
-    """Each package is imported only when its service runs: ``edge serve dicom`` stays small."""
+class _SyncWithBell:
+    """The sync service, also woken by the bell: instances kept by another process (``edge run``'s ingest child, the dicom unit)."""
+
+    name = "sync"
+
+    def __init__(self, sync: Service, bell: BellListener) -> None:
+        self.sync = sync
+        self.bell = bell
+
+    async def start(self) -> None:
+        await self.sync.start()
+        self.bell.start()
+
+    async def stop(self) -> None:
+        self.bell.stop()
+        await self.sync.stop()
+
+
+def build_services(config: EdgeConfig, names: Sequence[str], node_names: Sequence[str] | None = None) -> list[Service]:
+    """Each package is imported only when its service runs: ``edge serve dicom`` stays small.
+
+    ``node_names``: every service of the node, when this process runs only some of them
+    (``edge run``'s children): the console's /healthz expects those.
+    """
     spool = Spool(config.data_dir)
     storage = config.storage
 
@@ -54,11 +77,13 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
         from sync.service import SyncService
 
         sync_service = SyncService(config, spool)
+    # Wake the uploader when something is kept: a call in this process, else the bell to the sync process.
+    wake_sync = sync_service.wake if sync_service is not None else OutboxBell(config.data_dir).ring
     for name in SERVICE_NAMES:
         if name not in names:
             continue
         if name == "sync" and sync_service is not None:
-            services.append(sync_service)
+            services.append(_SyncWithBell(sync_service, BellListener(config.data_dir, sync_service.wake)))
         elif name == "dicom":
             from edge.dicom.service import DicomService
 
@@ -70,13 +95,12 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
                 report.files_unreadable,
                 report.rows_missing_file,
             )
-            on_kept = (lambda kept: sync_service.wake()) if sync_service is not None else None
-            services.append(DicomService(config, spool, on_kept=on_kept, make_room=make_room))
+            services.append(DicomService(config, spool, on_kept=lambda kept: wake_sync(), make_room=make_room))
         elif name == "bridge":  # ECG boxes; idles when no port is configured or plugged in
             from firmware_bridge.service import BridgeService
 
             services.append(BridgeService(
-                config, spool, on_kept=(lambda kept: sync_service.wake()) if sync_service is not None else None,
+                config, spool, on_kept=lambda kept: wake_sync(),
                 make_room=make_room,  # as for a C-STORE: evict what the cloud holds before refusing a recording
             ))
         elif name == "kiosk":
@@ -87,8 +111,8 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
             from edge.console.app import ConsoleService
 
             services.append(ConsoleService(
-                config, services=tuple(n for n in names if n != "console"),
-                wake_sync=sync_service.wake if sync_service is not None else None,  # "send now", STAT
+                config, services=tuple(n for n in (node_names or names) if n != "console"),
+                wake_sync=wake_sync,  # "send now", STAT
             ))
         elif name == "ops":
             from edge.ops.service import OpsService
@@ -97,7 +121,9 @@ def build_services(config: EdgeConfig, names: Sequence[str]) -> list[Service]:
     return services
 
 
-async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.Event | None = None) -> None:
+async def run_services(
+    config: EdgeConfig, names: Sequence[str], stop: asyncio.Event | None = None, node_names: Sequence[str] | None = None
+) -> None:
     """Run until SIGINT/SIGTERM (or ``stop`` is set); stop cleanly in reverse order."""
     try:
         open_database(config.data_dir)
@@ -113,7 +139,7 @@ async def run_services(config: EdgeConfig, names: Sequence[str], stop: asyncio.E
     watchdog: asyncio.Task[None] | None = None
     try:
         try:
-            services = build_services(config, names)  # dicom reconciles the spool here: database writes
+            services = build_services(config, names, node_names)  # dicom reconciles the spool here: database writes
         except DatabaseError as exc:
             raise StartupError(f"cannot start: database: {exc}{_free_space_hint(config)}") from None
         for service in services:

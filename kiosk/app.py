@@ -22,6 +22,7 @@ from pypdf import PdfReader
 
 from edge.service import ServiceSetupError
 from edge.config import EdgeConfig
+from edge.http_server import HttpLimits, HttpListener, serve_app
 from kiosk import metrics, pages
 from kiosk.const import PrinterState
 from kiosk.i18n import load_catalog
@@ -413,7 +414,7 @@ class KioskService:
 
     def __init__(self, config: EdgeConfig) -> None:
         self.config = config
-        self._runner: web.AppRunner | None = None
+        self._listener: HttpListener | None = None
 
     async def start(self) -> None:
         from kiosk.viewer_token import KeyFileError
@@ -422,14 +423,13 @@ class KioskService:
             context = await asyncio.to_thread(make_context, self.config)
         except KeyFileError as exc:
             raise KioskSetupError(str(exc)) from None
-        self._runner = web.AppRunner(make_app(self.config, context), access_log=None, shutdown_timeout=5.0)
-        await self._runner.setup()
         k = self.config.kiosk
-        await web.TCPSite(self._runner, k.bind_address, k.port).start()
+        limits = HttpLimits(k.http_header_timeout_s, k.http_keepalive_s, k.http_max_connections)
+        self._listener = await serve_app(make_app(self.config, context), "kiosk", k.bind_address, k.port, limits)
         log.info("kiosk: listening on %s:%d, printing to %s", k.bind_address, k.port, context.printer.name)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
             log.info("kiosk: stopped")

@@ -18,6 +18,9 @@ _TEMPLATE_FIELDS = {"study_uid", "token"}
 class KioskSection(Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=8081, ge=1, le=65535)
+    http_header_timeout_s: float = Field(default=10.0, gt=0, le=300)  # edge.http_server's limits
+    http_keepalive_s: float = Field(default=15.0, gt=0, le=3600)
+    http_max_connections: int = Field(default=64, ge=1, le=100_000)
     allowed_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
     idle_timeout_s: float = Field(default=60.0, ge=5, le=3600)

@@ -83,6 +83,10 @@ class StorageSection(Section):
 class ConsoleSection(Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
+    # Connection limits of the console's HTTP server (edge.http_server).
+    http_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    http_keepalive_s: float = Field(default=15.0, gt=0, le=3600)
+    http_max_connections: int = Field(default=128, ge=1, le=100_000)
     # The technician console (edge.console, edge.orders).
     exams: list[str] = Field(default_factory=list)
     xray_modality: str = Field(default="DX", pattern=r"^[A-Z]{2,8}$")

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from edge.config import EdgeConfig
+from edge.http_server import HttpLimits, HttpListener, serve_app
 from edge.ops.health import health_report, run_checks
 from edge.console.web import add_routes
 from edge.ops.metrics import register_store_collector
@@ -60,21 +61,21 @@ class ConsoleService:
         self.config = config
         self.services = services
         self.wake_sync = wake_sync
-        self._runner: web.AppRunner | None = None
+        self._listener: HttpListener | None = None
 
     async def start(self) -> None:
         from edge.console.tls import console_ssl_context
 
         ssl_context = console_ssl_context(self.config)  # None: plain http; a bad file stops start-up naming the key
-        self._runner = web.AppRunner(make_app(self.config, self.services, self.wake_sync), access_log=None, shutdown_timeout=5.0)
-        await self._runner.setup()
         cfg = self.config.console
-        await web.TCPSite(self._runner, cfg.bind_address, cfg.port, ssl_context=ssl_context).start()
+        limits = HttpLimits(cfg.http_header_timeout_s, cfg.http_keepalive_s, cfg.http_max_connections)
+        self._listener = await serve_app(make_app(self.config, self.services, self.wake_sync), "console",
+                                         cfg.bind_address, cfg.port, limits, ssl_context=ssl_context)
         log.info("console: listening on %s://%s:%d (console, /healthz, /metrics)",
                  "https" if ssl_context else "http", cfg.bind_address, cfg.port)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
             log.info("console: stopped")
