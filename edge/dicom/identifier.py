@@ -62,7 +62,7 @@ class _Walk:
             if self.count > MAX_ELEMENTS:
                 raise MalformedIdentifier(f"more than {MAX_ELEMENTS} elements")
             if tag <= previous:
-                raise MalformedIdentifier(f"element ({group:04X},{elem:04X}) out of order or repeated")
+                raise MalformedIdentifier(f"({group:04X},{elem:04X}) out of order or repeated")
             previous = tag
             vr, length, pos = self._header(pos, end, group, elem)
             self._check_tag(group, elem, vr, creators)
@@ -110,7 +110,7 @@ class _Walk:
             return
         if group & 1:  # private: a creator (gggg,0010-00FF), or an element of a creator seen before
             if elem < 0x10 or (elem > 0xFF and (group, elem >> 8) not in creators):
-                raise MalformedIdentifier(f"{name} is a private element without its creator")
+                raise MalformedIdentifier(f"{name} is private without a creator")
             return
         try:
             known = dictionary_VR(group << 16 | elem)

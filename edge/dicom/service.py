@@ -330,6 +330,7 @@ class DicomService:
         sent = 0
         for status, identifier in worklist.answer(read, cancelled=lambda: event.is_cancelled,
                                                   implicit_vr=bool(syntax.is_implicit_VR),
+                                                  deflated=bool(syntax.is_deflated),
                                                   days_back=cfg.worklist_days_back, days_ahead=cfg.worklist_days_ahead):
             if identifier is None:
                 code = status if isinstance(status, int) else int(status.Status)

@@ -59,12 +59,12 @@ class WorklistQuery:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
+    element = ds.data_element(keyword) if keyword in ds else None
+    if element is None or element.value is None:
         return ""
-    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:  # a multi-valued key
+    if element.VM > 1:  # a multi-valued key ("A*\\B*"): pydicom's MultiValue is no list; ask the element
         raise BadQuery(STATUS_BAD_IDENTIFIER, f"{keyword} must have one value")
-    text = str(value).strip()
+    text = str(element.value).strip()
     if "\ufffd" in text:  # pydicom put replacement characters for bytes the character set cannot decode
         raise BadQuery(STATUS_BAD_IDENTIFIER, f"{keyword} is not text in its character set")
     return text
@@ -254,9 +254,9 @@ def item_dataset(item: WorklistItem) -> Dataset:
 
 
 @lru_cache(maxsize=4096)
-def _encoded(item: WorklistItem, implicit_vr: bool) -> bytes:
+def _encoded(item: WorklistItem, implicit_vr: bool, deflated: bool = False) -> bytes:
     """An item's answer encoded once: a busy DR asks for the same 500 items every few minutes."""
-    return bytes(encode(item_dataset(item), implicit_vr, True, False) or b"")
+    return bytes(encode(item_dataset(item), implicit_vr and not deflated, True, deflated) or b"")
 
 
 class EncodedAnswer(Dataset):
@@ -271,9 +271,9 @@ class EncodedAnswer(Dataset):
         self.__dict__["encoded"] = encoded
 
 
-def cached_dataset(item: WorklistItem, implicit_vr: bool = True) -> Dataset:
+def cached_dataset(item: WorklistItem, implicit_vr: bool = True, deflated: bool = False) -> Dataset:
     """The item's answer, encoded once per item and transfer syntax."""
-    return EncodedAnswer(_encoded(item, implicit_vr))
+    return EncodedAnswer(_encoded(item, implicit_vr, deflated))
 
 
 def failure(status: int, reason: str) -> Dataset:
@@ -286,10 +286,10 @@ def failure(status: int, reason: str) -> Dataset:
 def answer(read_identifier: Callable[[], Dataset], today: dt.date | None = None,
            cancelled: Callable[[], bool] = lambda: False,
            implicit_vr: bool = True, days_back: int = 0,
-           days_ahead: int = 0) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+           days_ahead: int = 0, deflated: bool = False) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """C-FIND responses for pynetdicom: pending matches, or one failure for a bad query.
 
-    ``implicit_vr``: the association's transfer syntax, so cached answers are already in it.
+    ``implicit_vr`` / ``deflated``: the association's transfer syntax, so cached answers are already in it.
     ``days_back`` / ``days_ahead``: the window around today that may be answered at all.
     """
     try:
@@ -307,7 +307,7 @@ def answer(read_identifier: Callable[[], Dataset], today: dt.date | None = None,
         if cancelled():
             yield 0xFE00, None
             return
-        yield STATUS_PENDING, cached_dataset(item, implicit_vr)
+        yield STATUS_PENDING, cached_dataset(item, implicit_vr, deflated)
 
 
 def audit_query(calling_ae: str, address: str, outcome: str, refused: bool = False) -> None:
