@@ -18,15 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peewee import DatabaseError
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import data_element_generator
-from pydicom.uid import UID
-from pynetdicom.dsutils import split_dataset
+from pydicom.datadict import tag_for_keyword
 
 from edge.store.const import ECG_SOP_CLASSES, PRIORITY_ECG, PRIORITY_ROUTINE, SPOOL_DIR, TMP_DIR
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Series, Study, log_event, utcnow
+from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +38,8 @@ _HEADER_TAGS = [
     "StudyDate",
     "Modality",
 ]
+# The values the walk keeps; the character set so that they decode as the sender wrote them.
+_WANTED_TAGS = frozenset(int(tag_for_keyword(name) or 0) for name in [*_HEADER_TAGS, "SpecificCharacterSet"])
 
 
 class RejectedInstance(Exception):
@@ -97,65 +96,44 @@ def _text(value: object) -> str:
     return str(value).strip() if value is not None else ""
 
 
-def read_header(path: Path) -> InstanceHeader:
-    """Read the identifying attributes without loading pixel data or other bulk values."""
+def read_header(path: Path, limits: DecodeLimits | None = None) -> InstanceHeader:
+    """Read the identifying attributes, and refuse a dataset that is not whole or costs too much to decode.
+
+    One bounded walk (:func:`edge.store.walk.walk_instance`): element headers only,
+    values skipped, a deflated dataset inflated a chunk at a time. Over ``limits`` (size,
+    deflate ratio, element count) is 0xA700; truncated, garbage after it, elements out of
+    order, a broken deflate stream is 0xC000.
+    """
+    limits = limits or DecodeLimits()
     try:
-        ds = dcmread(path, stop_before_pixels=True, defer_size=4096, specific_tags=_HEADER_TAGS)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise RejectedInstance(0xC000, f"cannot parse dataset: {exc}") from None
-    meta = getattr(ds, "file_meta", None)
-    values = {name: _text(ds.get(name)) for name in _HEADER_TAGS}
+        walked = walk_instance(path, limits, _WANTED_TAGS)
+    except OverLimit as exc:
+        raise RejectedInstance(0xA700, exc.reason) from None
+    except Malformed as exc:
+        raise RejectedInstance(0xC000, exc.reason) from None
+    except OSError as exc:
+        raise RejectedInstance(0xC000, f"cannot parse dataset: {exc.strerror or exc}") from None
+    try:
+        values = {name: _text(walked.header.get(name)) for name in _HEADER_TAGS}
+    except (ValueError, KeyError, TypeError, LookupError) as exc:  # a value that does not decode
+        raise RejectedInstance(0xC000, f"cannot parse dataset: {type(exc).__name__}") from None
     for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
         uid = values[name]
         if not uid:
             raise RejectedInstance(0xA900, f"dataset has no {name}")
         if len(uid) > 64 or not _UID.match(uid):
             raise RejectedInstance(0xA900, f"{name} is not a valid UID: {uid[:70]!r}")
-    transfer_syntax = _text(getattr(meta, "TransferSyntaxUID", ""))
-    _check_complete(path, transfer_syntax)
     return InstanceHeader(
         sop_class_uid=values["SOPClassUID"],
         sop_instance_uid=values["SOPInstanceUID"],
         study_instance_uid=values["StudyInstanceUID"],
         series_instance_uid=values["SeriesInstanceUID"],
-        transfer_syntax=transfer_syntax,
+        transfer_syntax=walked.transfer_syntax,
         accession_number=values["AccessionNumber"][:16],
         patient_id=values["PatientID"][:64],
         study_date=values["StudyDate"][:8],
         modality=values["Modality"][:16],
     )
-
-
-def _check_complete(path: Path, transfer_syntax: str) -> None:
-    """Refuse a truncated dataset or one with garbage after it: its header alone parses fine.
-
-    Walks the element headers (values are skipped, not loaded): tags must ascend and the
-    last element must end exactly at the end of the file.
-    """
-    if not transfer_syntax or transfer_syntax == "1.2.840.10008.1.2.1.99":  # deflated: zlib checks it
-        return
-    syntax = UID(transfer_syntax)
-    try:
-        size = path.stat().st_size
-        _, offset = split_dataset(path)
-        previous, end = -1, offset
-        with open(path, "rb") as fp:
-            fp.seek(offset)
-            for elem in data_element_generator(fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
-                tag = int(elem.tag)
-                if tag <= previous:
-                    raise RejectedInstance(0xC000, f"malformed dataset: element {elem.tag} out of order")
-                previous = tag
-                length = getattr(elem, "length", 0xFFFFFFFF)
-                if length != 0xFFFFFFFF and elem.value_tell + length > size:
-                    raise RejectedInstance(0xC000, f"truncated dataset: element {elem.tag} runs past the end")
-                end = fp.tell()
-    except RejectedInstance:
-        raise
-    except Exception as exc:  # struct.error, EOFError, OSError, ValueError from a broken stream
-        raise RejectedInstance(0xC000, f"malformed dataset: {exc}") from None
-    if end != size:
-        raise RejectedInstance(0xC000, f"malformed dataset: {size - end} byte(s) of garbage after it")
 
 
 # fsync runs on one of these threads while the calling thread hashes the same file, so the
@@ -207,14 +185,17 @@ def keep_instance(
     calling_aet: str = "",
     source: str = "dicom",
     header: InstanceHeader | None = None,
+    limits: DecodeLimits | None = None,
 ) -> KeptInstance:
     """Make a received Part 10 file durable and queue it for upload, exactly once.
 
     ``received`` is a complete file on the spool's filesystem (a temp file, or, during
-    reconciliation, a file already in its place). Raises RejectedInstance with the status
-    to answer; the temp file is then the caller's to remove.
+    reconciliation, a file already in its place). ``limits`` bound what reading it may
+    cost (``[storage]`` max_instance_mb, max_deflate_ratio, max_elements; defaults when
+    None). Raises RejectedInstance with the status to answer; the temp file is then the
+    caller's to remove.
     """
-    header = header or read_header(received)
+    header = header or read_header(received, limits)
     relative = spool.relative_path(header)
     final = spool.root / relative
     try:

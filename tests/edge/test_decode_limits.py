@@ -1,0 +1,99 @@
+"""A stranger's C-STORE cannot take the node's memory: decoding is capped in decoded bytes.
+
+A real node process receives, from pynetdicom proposing Deflated Explicit VR Little
+Endian, a 0.5 MB deflate bomb that inflates to 512 MiB, and an explicit VR file of 2
+million tiny elements (20 MB). The DR's side sees 0xA700 with a comment naming the limit;
+nothing is kept; the node's peak resident memory (VmHWM) stays under 350 MB; an ordinary
+deflated image right after is kept byte for byte.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from edge.store.walk import DecodeLimits, walk_instance
+from tests.conftest import EdgeNode
+from tests.dicom_factory import DX_STORAGE, make_dx
+from tests.edge.helpers import echo_succeeds, query, raw_store, spool_files, temp_files
+from tests.edge.hostile_files import MiB, peak_rss_mb, write_deflate_bomb, write_deflated_dx, write_element_flood
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+STATUS_OUT_OF_RESOURCES = 0xA700
+NODE_MEMORY_CAP_MB = 350
+
+
+def kept_count(node: EdgeNode) -> int:
+    return int(query(node, "select count(*) from instance")[0][0])
+
+
+def assert_not_kept(node: EdgeNode, sop_uid: str) -> None:
+    assert query(node, "select count(*) from instance where sop_instance_uid = ?", sop_uid) == [(0,)]
+    assert not any(sop_uid in p.name for p in spool_files(node))
+    assert temp_files(node) == []
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset as encoded (after the file meta): what travelled in the C-STORE."""
+    walked = walk_instance(path, DecodeLimits(max_bytes=4096 * MiB, max_deflate_ratio=1e6, max_elements=10**8))
+    return path.read_bytes()[walked.dataset_offset :]
+
+
+def test_deflate_bomb_and_element_flood_get_out_of_resources_and_the_node_stays_small(
+    node: EdgeNode, tmp_path: Path
+) -> None:
+    assert node.proc is not None
+    bomb = tmp_path / "bomb.dcm"
+    bomb_uid = write_deflate_bomb(bomb, inflated_bytes=512 * MiB)
+    assert bomb.stat().st_size < MiB
+    flood = tmp_path / "flood.dcm"
+    flood_uid = write_element_flood(flood, elements=2_000_000)
+    assert flood.stat().st_size > 19_000_000
+
+    status, comment = raw_store(node, bomb, DX_STORAGE, DEFLATED)
+    assert (status, comment) == (STATUS_OUT_OF_RESOURCES, "inflates over 50x ([storage] max_deflate_ratio)")
+    assert_not_kept(node, bomb_uid)
+
+    status, comment = raw_store(node, flood, DX_STORAGE)
+    assert (status, comment) == (STATUS_OUT_OF_RESOURCES, "over 200000 elements ([storage] max_elements)")
+    assert_not_kept(node, flood_uid)
+
+    good = tmp_path / "good.dcm"
+    good_uid = write_deflated_dx(good)
+    assert raw_store(node, good, DX_STORAGE, DEFLATED) == (0, "")
+    [kept] = spool_files(node)
+    assert kept.name == f"{good_uid}.dcm"
+    assert dataset_bytes(kept) == dataset_bytes(good)  # byte-identical as it came
+    assert dcmread(kept).PixelData == dcmread(good).PixelData
+    assert query(node, "select transfer_syntax from instance") == [(DEFLATED,)]
+
+    assert echo_succeeds(node)
+    peak = peak_rss_mb(node.proc.pid)
+    assert peak < NODE_MEMORY_CAP_MB, f"node peaked at {peak:.0f} MB"
+    log = node.log_text()
+    refusals = [line for line in log.splitlines() if "refused instance" in line]
+    assert any(bomb_uid in line and "max_deflate_ratio" in line for line in refusals), refusals
+    assert any(flood_uid in line and "max_elements" in line for line in refusals), refusals
+    assert "Traceback" not in log
+
+
+def test_instance_size_cap_holds_for_plain_and_deflated_data(node_factory: Any, tmp_path: Path) -> None:
+    node = node_factory(storage={"max_instance_mb": 16, "max_deflate_ratio": 10000}).start()
+    bomb = tmp_path / "bomb.dcm"
+    bomb_uid = write_deflate_bomb(bomb, inflated_bytes=64 * MiB)  # ~1000x: allowed by this ratio
+    big = tmp_path / "big.dcm"
+    big_ds = make_dx(big, rows=3000, cols=3000)  # 18 MB uncompressed, as a large DR image is
+
+    status, comment = raw_store(node, bomb, DX_STORAGE, DEFLATED)
+    assert (status, comment) == (STATUS_OUT_OF_RESOURCES, "inflates past 16 MB ([storage] max_instance_mb)")
+    assert_not_kept(node, bomb_uid)
+    status, comment = raw_store(node, big, DX_STORAGE)
+    assert (status, comment) == (STATUS_OUT_OF_RESOURCES, "larger than 16 MB ([storage] max_instance_mb)")
+    assert_not_kept(node, str(big_ds.SOPInstanceUID))
+
+    small = tmp_path / "small.dcm"
+    make_dx(small, rows=256, cols=256)
+    assert raw_store(node, small, DX_STORAGE) == (0, "")
+    assert kept_count(node) == 1
