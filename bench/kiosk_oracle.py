@@ -95,7 +95,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edge-oracle-") as tmp:
         # Timing: limits out of the way, so every try reaches the PIN check.
         node = KioskNode(Path(tmp) / "timing", max_pin_failures=100, throttle_after_failures=1000,
-                         **_node_budget(100000))
+                         **_node_budget(10000))
         real = [issue(node.data_dir, f"ACC-T{i}", "Bench Patient").code for i in range(1 + args.tries // 50 + 1)]
         node.start()
         try:
