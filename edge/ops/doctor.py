@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge.config import EdgeConfig
+from edge.dicom.modalities import configured_modalities
 from edge.ops.health import disk_free_bytes, port_listening
 from edge.ops.terminal import printable
 
@@ -104,6 +105,30 @@ def check_clock() -> Item:
         return Item("clock", "fail", "chrony is not synchronised", "check the uplink and `chronyc sources`")
     return Item("clock", "warn", "unknown: neither timedatectl nor chrony answered",
                 "install systemd-timesyncd or chrony (the appliance image has timesyncd)")
+
+
+def check_worklist(config: EdgeConfig) -> Item:
+    """Who may read the worklist: closed until a modality (AE title and address) is configured."""
+    cfg = config.dicom
+    modalities = configured_modalities(cfg)
+    if not modalities:
+        return Item("worklist", "warn", "closed: no modality configured, so the DR cannot read the day's orders",
+                    "set [dicom] modality_host to the DR's address and modality_ae to the AE title it calls with "
+                    "(a second modality: other_modalities = [\"AE@host\"]), then restart")
+    days = ("today" if not (cfg.worklist_days_back or cfg.worklist_days_ahead)
+            else f"today -{cfg.worklist_days_back}/+{cfg.worklist_days_ahead} days")
+    peers = ", ".join(f"{m.ae_title}@{m.host}" for m in modalities)
+    return Item("worklist", "pass", f"answers only {peers}; {days}")
+
+
+def check_calling_aets(config: EdgeConfig) -> Item:
+    """C-STORE is open to any calling AE on a first run; say so until the clinic closes it."""
+    allowed = config.dicom.allowed_calling_aets
+    if not allowed:
+        return Item("c-store", "warn", "any calling AE title may store images ([dicom] allowed_calling_aets is empty)",
+                    f"set [dicom] allowed_calling_aets = [\"{config.dicom.modality_ae}\"] (the DR's AE title) "
+                    "once the DR sends")
+    return Item("c-store", "pass", f"only {', '.join(allowed)} may store images")
 
 
 def check_dr(config: EdgeConfig) -> Item:
@@ -260,7 +285,8 @@ async def run_doctor(config: EdgeConfig, config_path: str) -> list[Item]:
     """Every item, in the order an engineer would fix them."""
     sync_checks: list[Callable[[], Item]] = [
         lambda: check_config(config, config_path), lambda: check_disk(config), lambda: check_encryption(config),
-        check_clock, lambda: check_services(config), lambda: check_dr(config),
+        check_clock, lambda: check_services(config), lambda: check_dr(config), lambda: check_worklist(config),
+        lambda: check_calling_aets(config),
     ]
     items = [await asyncio.to_thread(check) for check in sync_checks]
     async_checks: list[Callable[[], Awaitable[Item]]] = [

@@ -68,6 +68,9 @@ def test_doctor_passes_on_a_healthy_node_then_names_each_missing_part_with_a_fix
     assert items["clock"]["verdict"] in ("pass", "warn")  # no timesyncd/chrony in this container: "unknown"
     assert items["printer"]["verdict"] == "pass", items["printer"]
     assert items["boxes"]["verdict"] == "skip"  # no ECG box here
+    assert items["worklist"]["verdict"] == "pass" and items["worklist"]["detail"] == "answers only DR1@127.0.0.1; today"
+    # C-STORE open to any AE title (a first run works): a warning with the fix, not a failure.
+    assert items["c-store"]["verdict"] == "warn" and 'allowed_calling_aets = ["DR1"]' in items["c-store"]["hint"]
 
     # The human view: one line per item and a closing count.
     text = edge_cli(node.config, "doctor").stdout
@@ -109,6 +112,9 @@ def test_doctor_reports_a_wrong_token(node_factory: Any, orthanc: OrthancPeer, t
         assert items["cloud"]["verdict"] == "fail" and "401" in items["cloud"]["detail"]
         assert "edge provision --token" in items["cloud"]["hint"]
         assert items["dr"]["verdict"] == "skip"  # no DR configured: skipped, not failed
+        # ... and the worklist closed: a warning saying how to open it.
+        assert items["worklist"]["verdict"] == "warn" and items["worklist"]["detail"].startswith("closed")
+        assert "modality_host" in items["worklist"]["hint"] and "other_modalities" in items["worklist"]["hint"]
     finally:
         secured.kill()
 
@@ -152,3 +158,13 @@ def test_provision_onto_an_image_boot_partition(tmp_path: Path) -> None:
     assert "edge-provision.toml" in result.stdout
     written = (boot / "edge-provision.toml").read_text()
     assert 'id = "clinic-0007"' in written and 'token = "t0ken"' in written
+
+
+def test_doctor_names_every_modality_the_worklist_answers_and_the_closed_c_store(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "edge.toml", tmp_path / "var",  # loopback only: nothing answers the DR's C-ECHO
+                        dicom={"modality_ae": "DR", "modality_host": "127.0.0.2", "modality_port": free_port(),
+                               "other_modalities": ["CR1@127.0.0.3"], "worklist_days_back": 1, "worklist_days_ahead": 2,
+                               "allowed_calling_aets": ["DR", "CR1"]})
+    text = edge_cli(path, "doctor", check=False).stdout
+    assert "PASS  worklist    answers only DR@127.0.0.2, CR1@127.0.0.3; today -1/+2 days" in text, text
+    assert "PASS  c-store     only DR, CR1 may store images" in text, text
