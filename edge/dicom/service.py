@@ -10,15 +10,13 @@ lock and tell the rest of the node through ``on_kept`` (thread-safe callback).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from functools import partial
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -30,17 +28,12 @@ from pynetdicom import (
     _config,
     evt,
 )
-from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import (
-    AssociationSocket,
-    RequestHandler,
-    ThreadedAssociationServer,
-)
 from pynetdicom.utils import make_target
 
 from edge.config import EdgeConfig
-from edge.dicom import find_responses, receive_file
+from edge.dicom import availability, find_responses, receive_file
+from edge.dicom.connections import AssociationServer, SlotRequestHandler, SlotTable, slot_of
 from edge.dicom.identifier import read_identifier
 from edge.dicom.modalities import ModalityDirectory
 from edge.dicom.const import (
@@ -81,64 +74,6 @@ def _calling(event: Any) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-# A PDU's length comes from the peer: buffer at most this much ahead of the bytes that have
-# actually arrived, so a broken or hostile length field (up to 4 GiB) costs no memory.
-_RECV_GROW_BYTES = 1 << 20
-
-
-def _recv_exactly(assoc_sock: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` with the same contract, reading straight into one buffer.
-
-    pynetdicom's own version asks the kernel for at most 4 KiB per call and appends each
-    piece to a bytearray: about 35 Python-level calls and copies per 128 KiB PDU. This asks
-    for everything still missing each time, so a PDU usually arrives in a few calls. As
-    before: it blocks until ``nr_bytes`` are read, returns what it has if the peer closes,
-    and lets socket errors and timeouts propagate.
-    """
-    sock = cast(socket.socket, assoc_sock.socket)
-    buffer = bytearray(min(nr_bytes, _RECV_GROW_BYTES))
-    nr_read = 0
-    while nr_read < nr_bytes:
-        if nr_read == len(buffer):
-            buffer.extend(bytes(min(nr_bytes - nr_read, _RECV_GROW_BYTES)))
-        _ack_at_once(sock)
-        with memoryview(buffer) as view:
-            got = sock.recv_into(view[nr_read:])
-        if not got:
-            break
-        nr_read += got
-    del buffer[nr_read:]
-    return buffer
-
-
-def _ack_at_once(sock: socket.socket) -> None:
-    """Acknowledge what arrives without the kernel's delayed ACK (Linux; re-armed before every read).
-
-    DCMTK sends a PDU header and its body as two small writes with Nagle on: the body waits
-    for our ACK of the header, and a delayed ACK holds it ~40 ms. That stall sat in every
-    worklist query and every echo.
-    """
-    if _TCP_QUICKACK is not None:
-        with contextlib.suppress(OSError):  # not TCP, or the peer is gone: the read will tell
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-class _RequestHandler(RequestHandler):
-    """pynetdicom's handler, with the association's socket reading in bulk (``_recv_exactly``)."""
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        sock = assoc.dul.socket
-        if sock is not None:
-            sock.recv = partial(_recv_exactly, sock)  # type: ignore[method-assign]
-            with contextlib.suppress(OSError):  # our answers go out as written, not held for an ACK
-                cast(socket.socket, sock.socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return assoc
-
-
 class DicomService:
     """The node's storage SCP; ``start()`` / ``stop()`` pair like every other service."""
 
@@ -156,16 +91,24 @@ class DicomService:
         self.spool = spool
         self.on_kept = on_kept
         self.make_room = make_room
-        self._server: ThreadedAssociationServer | None = None
+        self._server: AssociationServer | None = None
+        self._server_thread: threading.Thread | None = None
         self._accepted: set[int] = set()
         self._lock = threading.Lock()
         self.modalities = ModalityDirectory(config.dicom)  # who may read the worklist (and keep a slot)
+        cfg = config.dicom
+        self._state_changed = threading.Event()
+        self._stopping = threading.Event()
+        self.slots = SlotTable(cfg.max_associations, cfg.max_associations_per_host, self.modalities,
+                               on_change=self._state_changed.set)
 
     def _make_ae(self) -> AE:
         cfg = self.config.dicom
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = cfg.max_pdu_bytes
-        ae.maximum_associations = cfg.max_associations
+        # The slots are counted at TCP accept (edge.dicom.connections); pynetdicom's own count
+        # also sees threads that are just ending, so its limit is only a backstop.
+        ae.maximum_associations = 2 * cfg.max_associations
         ae.network_timeout = cfg.network_timeout_s
         # A connection that never completes an association (a port scan, a broken PDU) holds
         # a slot until the ACSE (ARTIM) timer fires, even after the peer has gone: keep it short.
@@ -190,30 +133,84 @@ class DicomService:
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         ae = self._make_ae()
-        # What ae.start_server(block=False) does, with our request handler in the server.
-        server = ae.make_server(
+        # What ae.start_server(block=False) does, with our server and request handler.
+        server = cast(AssociationServer, ae.make_server(
             (cfg.bind_address, cfg.port),
             evt_handlers=handlers,
-            server_class=ThreadedAssociationServer,
-            request_handler=_RequestHandler,
-        )
+            server_class=AssociationServer,
+            request_handler=SlotRequestHandler,
+        ))
+        server.setup_slots(self.slots, first_pdu_s=ae.acse_timeout, pdu_s=cfg.network_timeout_s)
         name = f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}"
-        threading.Thread(target=make_target(server.serve_forever), name=name, daemon=True).start()
+        self._server_thread = threading.Thread(target=make_target(server.serve_forever), name=name, daemon=True)
+        self._server_thread.start()
         ae._servers.append(server)
-        self._server = cast(ThreadedAssociationServer, server)
+        self._server = server
+        self._stopping.clear()
+        self._write_availability()
+        threading.Thread(target=self._keep_availability_written, name="dicom-availability", daemon=True).start()
         log.info("dicom: %s listening on %s:%d", cfg.ae_title, cfg.bind_address, cfg.port)
 
     async def stop(self) -> None:
         if self._server is not None:
+            self._stopping.set()
+            self._state_changed.set()
             await asyncio.to_thread(self._server.shutdown)
             self._server = None
+            availability.remove(self.config.data_dir)
             log.info("dicom: stopped")
+
+    def _keep_availability_written(self) -> None:
+        """Rewrite the availability file every WRITE_EVERY_S and soon after any slot changes hands."""
+        while not self._stopping.is_set():
+            self._state_changed.wait(availability.WRITE_EVERY_S)
+            self._state_changed.clear()
+            if self._stopping.is_set():
+                return
+            self._write_availability()
+            self._stopping.wait(0.2)  # a flood of connections costs at most five writes a second
+
+    def _write_availability(self) -> None:
+        counts = self.slots.counts()
+        thread = self._server_thread
+        state = availability.DicomAvailability(
+            pid=os.getpid(), updated_at=time.time(),
+            listening=thread is not None and thread.is_alive(),
+            slots_used=counts.used, slots_max=counts.max, held_by_strangers=counts.strangers,
+            accepting=counts.accepting, modalities_configured=self.modalities.configured,
+        )
+        try:
+            availability.write(self.config.data_dir, state)
+        except OSError as exc:
+            if not getattr(self, "_availability_failed", False):
+                log.error("dicom: cannot write %s: %s (health checks will say DICOM is down)",
+                          availability.state_path(self.config.data_dir), exc)
+            self._availability_failed = True
+        else:
+            self._availability_failed = False
+
+    def _on_requested(self, event: Any) -> None:
+        """The AE title is known now: a modality's address calling with another AE title counts as a stranger."""
+        slot = slot_of(event.assoc)
+        if slot is None:
+            return
+        slot.ae_title = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # not yet in requestor.ae_title
+        if self.slots.reclassify(slot, self.modalities.is_modality(slot.ae_title, slot.address)):
+            return
+        if self._server is not None:
+            self._server.refusals.refused(
+                slot.peer, f"calls as {slot.ae_title}, no modality's AE title, and strangers hold their share of associations")
+        slot.evicted = True  # logged: no second line when pynetdicom closes it
+        self.slots.release(slot)
+        event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local-limit-exceeded
+        event.assoc.kill()  # as pynetdicom's own rejection does: until the RJ is out and the peer has gone
 
     def _on_accepted(self, event: Any) -> None:
         with self._lock:
@@ -232,15 +229,28 @@ class DicomService:
 
     def _on_rejected(self, event: Any) -> None:
         metrics.ASSOCIATIONS_REJECTED.inc()
+        answer = event.assoc.acceptor.primitive
+        too_many = answer is not None and answer.result_source == 0x03
         log.warning(
-            "dicom: association from %s (%s) to %s rejected: calling AE not allowed or called AE wrong",
+            "dicom: association from %s (%s) to %s rejected: %s",
             _calling(event),
             event.assoc.requestor.address,
             str(event.assoc.acceptor.ae_title).strip(),
+            "too many associations open" if too_many else "calling AE not allowed or called AE wrong",
         )
 
     def _on_aborted(self, event: Any) -> None:
-        log.warning("dicom: association from %s aborted", _calling(event))
+        slot = slot_of(event.assoc)
+        if slot is not None and slot.closed_by_us:
+            return  # its line, with the reason, is already in the log
+        if event.assoc.dul.idle_timer_expired():
+            if slot is not None:
+                slot.timed_out = True
+            peer = slot.peer if slot is not None else str(event.assoc.requestor.address)
+            log.warning("dicom: closed the connection from %s (%s): no complete PDU for %.0f s (network_timeout_s)",
+                        peer, _calling(event), self.config.dicom.network_timeout_s)
+            return
+        log.warning("dicom: association from %s (%s) aborted", _calling(event), event.assoc.requestor.address)
 
     def _on_closed(self, event: Any) -> None:
         with self._lock:

@@ -10,6 +10,8 @@ from typing import Any
 from peewee import DatabaseError
 
 from edge.config import EdgeConfig
+from edge.dicom import availability
+from edge.dicom.availability import DicomAvailability
 from edge.store.db import database
 from edge.store.queries import (
     count_missing_files,
@@ -35,7 +37,11 @@ def disk_free_bytes(config: EdgeConfig) -> int:
 
 
 def port_listening(address: str, port: int, timeout: float = 1.0) -> bool:
-    """True when something accepts TCP connections there (0.0.0.0 means this host)."""
+    """True when something accepts TCP connections there (0.0.0.0 means this host).
+
+    A real connection: never for the DICOM port in a health check (it would take one of
+    the DR's slots; see dicom_availability), only where a human asks for a real probe.
+    """
     host = "127.0.0.1" if address in ("0.0.0.0", "", "::") else address
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -71,10 +77,33 @@ def check_database() -> Check:
     return Check("database", True, True, "readable")
 
 
+def dicom_availability(config: EdgeConfig) -> DicomAvailability | None:
+    """What the DICOM service last said about its slots; None when it is not running.
+
+    Read from the file the service keeps (edge.dicom.availability), never by connecting:
+    a probe would take one of the DR's association slots, and health is asked often.
+    """
+    state = availability.read(config.data_dir)
+    return state if availability.is_current(state) else None
+
+
 def check_dicom(config: EdgeConfig) -> Check:
+    """Failing when the DR could not associate now: the service is not running, or every slot is held."""
     cfg = config.dicom
-    up = port_listening(cfg.bind_address, cfg.port)
-    return Check("dicom", up, True, f"{cfg.ae_title} on port {cfg.port} " + ("listening" if up else "not listening"))
+    where = f"{cfg.ae_title} on port {cfg.port}"
+    state = availability.read(config.data_dir)
+    if state is None or not state.listening:
+        return Check("dicom", False, True, f"{where}: DICOM service not running")
+    if not availability.is_current(state):
+        return Check("dicom", False, True,
+                     f"{where}: DICOM service not running (last heard from {availability.age_s(state):.0f} s ago)")
+    in_use = f"{state.slots_used} of {state.slots_max} associations in use"
+    if state.held_by_strangers:
+        in_use += f", {state.held_by_strangers} by peers that are not a configured modality"
+    if not state.accepting:
+        return Check("dicom", False, True, f"{where}: cannot accept the DR now ({in_use}); "
+                     "each is closed when its network_timeout_s runs out")
+    return Check("dicom", True, True, f"{where} accepting ({in_use})")
 
 
 def check_spool_files() -> Check:

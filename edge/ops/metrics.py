@@ -106,7 +106,7 @@ class HealthCollector(Collector):
         self.services = services
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from edge.ops.health import health_report, port_listening, run_checks
+        from edge.ops.health import dicom_availability, health_report, port_listening, run_checks
 
         checks = run_checks(self.config, self.services)
         healthy, _ = health_report(self.config, checks)
@@ -117,10 +117,22 @@ class HealthCollector(Collector):
             family.add_metric([check.name, str(check.critical).lower()], 1.0 if check.ok else 0.0)
         yield family
         yield GaugeMetricFamily("edge_healthy", "1 when /healthz answers 200 (no critical check failing)", value=float(healthy))
-        up = GaugeMetricFamily("edge_service_up", "1 when the service's port accepts connections", labels=["service"])
-        for name, section in (("dicom", self.config.dicom), ("console", self.config.console)):
-            up.add_metric([name], float(port_listening(section.bind_address, section.port)))
+        up = GaugeMetricFamily("edge_service_up", "1 when the service is running (DICOM: its own report; console: its port)",
+                               labels=["service"])
+        dicom = dicom_availability(self.config)  # never a connection to the DICOM port: it would take a slot
+        up.add_metric(["dicom"], float(dicom is not None))
+        console = self.config.console
+        up.add_metric(["console"], float(port_listening(console.bind_address, console.port)))
         yield up
+        slots = GaugeMetricFamily("edge_dicom_associations", "DICOM association slots, as the DICOM service counts them",
+                                  labels=["held"])
+        if dicom is not None:
+            slots.add_metric(["in_use"], dicom.slots_used)
+            slots.add_metric(["by_strangers"], dicom.held_by_strangers)
+            slots.add_metric(["max"], dicom.slots_max)
+        yield slots
+        yield GaugeMetricFamily("edge_dicom_accepting", "1 when the DR would get an association now",
+                                value=float(dicom is not None and dicom.accepting))
 
 
 def fleet_registry(config: EdgeConfig, services: tuple[str, ...] = ("dicom", "sync")) -> CollectorRegistry:

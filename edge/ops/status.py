@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge.config import EdgeConfig
-from edge.ops.health import check_disk, disk_free_bytes, port_listening
+from edge.ops.health import check_disk, dicom_availability, disk_free_bytes, port_listening
 from edge.ops.terminal import printable
 from edge.store.queries import (
     count_instances,
@@ -17,12 +17,12 @@ from firmware_bridge.boxes import box_summaries
 
 
 def node_status(config: EdgeConfig) -> dict[str, Any]:
-    """Everything ``edge status --json`` prints; reads the store, probes the ports."""
+    """Everything ``edge status --json`` prints; reads the store and the DICOM service's report, probes the console port."""
     summary = outbox_summary()
     studies, instances, size = count_instances()
     disk = check_disk(config)
     services = {
-        "dicom": "up" if port_listening(config.dicom.bind_address, config.dicom.port) else "down",
+        "dicom": _dicom_state(config),
         "console": "up" if port_listening(config.console.bind_address, config.console.port) else "down",
     }
     return {
@@ -50,6 +50,14 @@ def node_status(config: EdgeConfig) -> dict[str, Any]:
         },
         "boxes": box_summaries(),  # ECG boxes the bridge has seen
     }
+
+
+def _dicom_state(config: EdgeConfig) -> str:
+    """"up", "full" (every association slot held: the DR is refused) or "down"; from the service's own report."""
+    state = dicom_availability(config)  # not a probe: a connection would take one of the DR's slots
+    if state is None:
+        return "down"
+    return "up" if state.accepting else "full"
 
 
 def format_status(status: dict[str, Any]) -> str:
