@@ -16,9 +16,15 @@ ready). Then, with a logged-in HTTP client:
   there is one (/dev/shm): a DR keeps its worklist in memory, and 500 file writes on a
   slow disk would time the disk, not the worklist server. The server's own CPU time per
   query (from /proc) is printed beside it: it does not move with other load on the box.
+- **Hostile wildcard**: `PatientName=*?*?*?*?*?*?*?*Q` (issue 12: the old regex matcher
+  held the GIL 10 s on one long name) matched in-process against 500 long names
+  ("Mahlangu-Ramaphosa-Nkosi^Nomvula Thandiwe Precious" variants), and the same key
+  through findscu against the running node. ``--before`` also times the replaced regex on
+  one such name (seconds; it is the figure the fix removed).
 
     .venv/bin/python bench/console.py              # 500 visits, 50 requests / 20 queries
     .venv/bin/python bench/console.py --visits 100 --requests 20
+    .venv/bin/python bench/console.py --before     # also the old regex matcher on one long name
 
 Goal: page p95 < 200 ms and worklist response < 200 ms.
 """
@@ -47,6 +53,8 @@ from tests.conftest import EdgeNode, wait_for_port  # noqa: E402
 from tests.console.helpers import ConsoleClient, add_user  # noqa: E402
 
 FINDSCU = "/usr/bin/findscu"
+HOSTILE_KEY = "*?*?*?*?*?*?*?*Q"
+LONG_NAME = "Mahlangu-Ramaphosa-Nkosi^Nomvula Thandiwe Precious"
 WLMSCPFS = "/usr/bin/wlmscpfs"
 STATES = ("pending", "pending", "sending", "synced", "synced", "synced", "failed", "quarantined")
 
@@ -85,6 +93,19 @@ def seed(data_dir: Path, visits: int, node_id: str) -> None:
     database.close()
 
 
+def seed_long_names(data_dir: Path, visits: int) -> None:
+    """As many more orders with long, realistic names: what the hostile wildcard is matched against."""
+    from edge.orders.register import ExamChoice, Patient, create_order
+    from edge.store.db import database, open_database
+
+    open_database(data_dir, migrate=False)
+    database.execute_sql("PRAGMA synchronous=OFF")  # this connection only: seeding
+    for i in range(visits):
+        patient = Patient(f"{LONG_NAME}{i:03d}", f"L-{i:05d}", "folder", "19800101", "F", ExamChoice("Chest X-ray", "DX"))
+        create_order(patient, node_id="clinic-0001", station_ae="DR", by="bench")
+    database.close()
+
+
 def time_get(client: ConsoleClient, path: str, n: int) -> list[float]:
     client.request("GET", path)  # warm-up (and the first matching pass)
     out = []
@@ -97,9 +118,15 @@ def time_get(client: ConsoleClient, path: str, n: int) -> list[float]:
 
 
 def cpu_ms(pid: int) -> float:
-    """CPU time (user + system) a server has used so far, with its finished children (wlmscpfs forks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) a server has used so far, with its children: finished (wlmscpfs forks)
+    and running (``edge run`` supervises the DICOM service as a child process)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # the child ended between the reads: its time is in the parent's "finished" fields
+        return 0.0
+    own = sum(int(f) for f in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_ms(int(child)) for child in children)
 
 
 def scratch_dir(tmp: Path, name: str) -> Path:
@@ -136,7 +163,7 @@ def wlmscpfs_baseline(tmp: Path, n: int, keys: list[str], expect: int) -> tuple[
 
     open_database(tmp / "node" / "var")
     today = dt.date.today().strftime("%Y%m%d")
-    items = scheduled_items(WorklistQuery(today, today, modality="DX"))
+    items = scheduled_items(WorklistQuery(today, today, modality="DX", patient_id="F-*"))  # not the long names
     folder = tmp / "wl" / "WLM"
     folder.mkdir(parents=True)
     (folder / "lockfile").touch()
@@ -166,6 +193,34 @@ def wlmscpfs_baseline(tmp: Path, n: int, keys: list[str], expect: int) -> tuple[
         proc.wait(10)
 
 
+def hostile_matching(before: bool) -> list[str]:
+    """The hostile key against 500 long names, in-process: ours, and optionally the regex it replaced."""
+    import re
+
+    from edge.orders.worklist import matches
+
+    names = [f"{LONG_NAME}{i:03d}" for i in range(500)]
+    out = []
+    for key in (HOSTILE_KEY, "*?" * 40 + "*Q"):
+        runs = []
+        for _ in range(20):
+            start = time.perf_counter()
+            for name in names:
+                matches(key, name, fold=True)
+            runs.append((time.perf_counter() - start) * 1000)
+        out.append(f"  {'linear matcher, ' + key[:24] + (' …' if len(key) > 24 else ''):46} "
+                   f"p50 {statistics.median(runs):7.2f} ms for 500 names   max {max(runs):7.2f} ms")
+    if before:  # the matcher edge/orders/worklist.py had until issue 12
+        body = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in HOSTILE_KEY)
+        pattern = re.compile(f"^{body}$", re.IGNORECASE | re.DOTALL)
+        start = time.perf_counter()
+        pattern.match(LONG_NAME)
+        one = time.perf_counter() - start
+        out.append(f"  {'old regex matcher, ' + HOSTILE_KEY:46} {one * 1000:9.0f} ms for ONE name "
+                   f"(500 names: ~{one * 500 / 60:.0f} min, GIL held)")
+    return out
+
+
 def line(name: str, values: list[float], goal: float | None = None, cpu: float | None = None) -> str:
     p95 = pct(values, 95)
     verdict = "" if goal is None else ("  goal < %.0f ms: %s" % (goal, "MET" if p95 < goal else "MISSED"))
@@ -179,6 +234,7 @@ def main() -> int:
     parser.add_argument("--visits", type=int, default=500)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--before", action="store_true", help="also time the replaced regex matcher (seconds)")
     args = parser.parse_args()
     os.environ.pop("http_proxy", None)
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-console-"))
@@ -187,7 +243,8 @@ def main() -> int:
         (tmp / "node").mkdir()
         node = EdgeNode(tmp / "node", ("run",), node={"id": "clinic-0001"}, sync={"enabled": False},
                         reports={"enabled": False}, bridge={"enabled": False, "port_glob": ""},
-                        kiosk={"bind_address": "127.0.0.1"}, dicom={"modality_ae": "DR"})
+                        kiosk={"bind_address": "127.0.0.1"},
+                        dicom={"modality_ae": "DR", "modality_host": "127.0.0.1"})  # findscu is the DR
         t0 = time.perf_counter()
         seed(node.data_dir, args.visits, "clinic-0001")
         print(f"seeded {args.visits} visits ({int(args.visits * 0.8)} with studies) in {time.perf_counter() - t0:.1f} s")
@@ -211,6 +268,9 @@ def main() -> int:
         cold, _ = time_find(node.port, node.ae_title, keys, 1, expect, work)  # encodes every item once
         ours, ours_cpu = time_find(node.port, node.ae_title, keys, args.queries, expect, work, pid)
         empty, empty_cpu = time_find(node.port, node.ae_title, [f"{sps}.Modality=CR"], args.queries, 0, work, pid)
+        seed_long_names(node.data_dir, args.visits)  # into the running node's store, after the figures above
+        hostile, hostile_cpu = time_find(node.port, node.ae_title, [f"PatientName={HOSTILE_KEY}", "PatientID"],
+                                         args.queries, 0, work, pid)
         shutil.rmtree(work, ignore_errors=True)
         node.stop()
         node = None
@@ -225,6 +285,9 @@ def main() -> int:
         if baseline is not None:
             print(line("DCMTK wlmscpfs, same items from .wl files", *baseline[:1], cpu=baseline[1]))
         print(line("our node, query matching nothing (floor)", empty, cpu=empty_cpu))
+        print(line(f"+{args.visits} long names, PatientName={HOSTILE_KEY}", hostile, cpu=hostile_cpu))
+        print("\nhostile wildcard, in-process:")
+        print("\n".join(hostile_matching(args.before)))
         return 0
     finally:
         if node is not None:
