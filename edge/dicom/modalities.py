@@ -31,7 +31,8 @@ class Modality:
 
 def configured_modalities(cfg: DicomSection) -> list[Modality]:
     """The DR (``modality_ae`` @ ``modality_host``, when a host is set) and ``other_modalities``."""
-    found = [Modality(cfg.modality_ae, cfg.modality_host)] if cfg.modality_host else []
+    host = cfg.modality_host.strip()  # " 192.168.1.20" from a hand-edited file is that address, not a host name
+    found = [Modality(cfg.modality_ae, host)] if host else []
     for value in cfg.other_modalities:
         ae, _, host = value.partition("@")
         found.append(Modality(ae, host))
