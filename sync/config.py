@@ -79,3 +79,4 @@ class ReportsSection(Section):
     lookback_days: int = Field(default=14, ge=1, le=365)
     min_backoff_s: float = Field(default=60.0, gt=0)
     max_backoff_s: float = Field(default=3600.0, gt=0)
+    max_report_mb: int = Field(default=32, ge=1, le=1024)

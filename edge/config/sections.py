@@ -80,6 +80,10 @@ class StorageSection(Section):
     min_free_mb: int = Field(default=500, ge=0)
     retention_days: int = Field(default=30, ge=0, le=3650)
     high_water_free_mb: int = Field(default=2000, ge=0)
+    # What decoding one received instance may cost (edge.store.walk): C-STORE over it is 0xA700, a kept one is quarantined.
+    max_instance_mb: int = Field(default=512, ge=16, le=4096)
+    max_deflate_ratio: float = Field(default=50.0, ge=2, le=10000)
+    max_elements: int = Field(default=200_000, ge=1000, le=50_000_000)
 
 
 class ConsoleSection(Section):

@@ -46,7 +46,7 @@ from edge.dicom.const import (
 from edge.ops import metrics
 from edge.orders import worklist
 from edge.store.db import database
-from edge.store.spool import KeptInstance, RejectedInstance, Spool, keep_instance
+from edge.store.spool import DecodeLimits, KeptInstance, RejectedInstance, Spool, keep_instance
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,8 @@ class DicomService:
             return _status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
         try:
             received_bytes = os.path.getsize(event.dataset_path)
-            kept = keep_instance(self.spool, event.dataset_path, calling_aet=calling)
+            limits = DecodeLimits.from_storage(self.config.storage)  # size, deflate ratio, element count
+            kept = keep_instance(self.spool, event.dataset_path, calling_aet=calling, limits=limits)
         except RejectedInstance as exc:
             metrics.CSTORE_RESULTS.labels("rejected").inc()
             log.warning(
