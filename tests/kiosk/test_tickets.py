@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import kiosk.tickets
 from edge.store.db import open_database
 from kiosk.tables import KioskAudit, Ticket
 from kiosk.tickets import (
@@ -45,7 +46,15 @@ def test_slip_gets_a_check_digit_code_and_the_pin_is_kept_only_as_an_scrypt_hash
     assert ticket.pin not in dump.replace(ticket.code, "")
 
 
-def test_wrong_pins_lock_the_code_for_a_while_even_against_the_right_pin(store: Path) -> None:
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[dt.datetime]:
+    """The lookup rules' clock, moved by the test (``clock[0] += …``): no race with a busy box."""
+    now = [dt.datetime(2026, 11, 24, 9, 0, 0)]
+    monkeypatch.setattr(kiosk.tickets, "utcnow", lambda: now[0])
+    return now
+
+
+def test_wrong_pins_lock_the_code_for_a_while_even_against_the_right_pin(store: Path, clock: list[dt.datetime]) -> None:
     seed_study(store, "ACC1", report_text="Normal.")
     ticket = issue_ticket("ACC1", "Lerato Mokoena", "Chest X-ray")
     rules = GuardSettings(max_pin_failures=3, lockout_minutes=0.02)  # 1.2 s
@@ -54,21 +63,21 @@ def test_wrong_pins_lock_the_code_for_a_while_even_against_the_right_pin(store: 
     locked = look_up(ticket.code, "000002", CLIENT, rules, store)
     assert locked.outcome == "locked" and locked.wait_s == pytest.approx(1.2)
     assert look_up(ticket.code, ticket.pin, CLIENT, rules, store).outcome == "locked"
-    time.sleep(1.3)
+    clock[0] += dt.timedelta(seconds=1.3)
     assert look_up(ticket.code, ticket.pin, CLIENT, rules, store).outcome == "ready"
 
 
-def test_a_kiosk_that_keeps_failing_is_slowed_down(store: Path) -> None:
+def test_a_kiosk_that_keeps_failing_is_slowed_down(store: Path, clock: list[dt.datetime]) -> None:
     rules = GuardSettings(throttle_after_failures=3, throttle_max_delay_s=30)
     codes = [issue_ticket(f"A{i}", "X Y", "") .code for i in range(5)]
     outcomes = [look_up(code, "999999", CLIENT, rules, store).outcome for code in codes[:3]]
     assert outcomes == ["wrong_pin"] * 3
     slowed = look_up(codes[3], "999999", CLIENT, rules, store)
-    assert slowed.outcome == "throttled" and 0 < slowed.wait_s <= 1.0
+    assert slowed.outcome == "throttled" and slowed.wait_s == 1.0
     assert look_up(codes[3], "999999", "10.0.0.8", rules, store).outcome == "wrong_pin"  # another kiosk is not slowed
-    time.sleep(slowed.wait_s + 0.05)
+    clock[0] += dt.timedelta(seconds=1.05)
     assert look_up(codes[4], "999999", CLIENT, rules, store).outcome == "wrong_pin"
-    assert look_up(codes[4], "999999", CLIENT, rules, store).wait_s == pytest.approx(2.0, abs=0.2)  # doubles
+    assert look_up(codes[4], "999999", CLIENT, rules, store).wait_s == 2.0  # doubles
 
 
 def test_print_limit_then_a_technician_allows_one_reprint(tmp_path: Path) -> None:
