@@ -36,6 +36,8 @@ def add_commands(sub: Any) -> None:
     sim.add_argument("--corrupt-chunk", type=int, default=None, metavar="N",
                      help="the Nth firmware chunk arrives garbled (the box NAKs it)")
     sim.add_argument("--json", action="store_true", help="print the box's counters as JSON at exit")
+    sim.add_argument("--leads", type=_lead_set, default=None, metavar="I,II,V1,…",
+                     help="lead set HELLO announces (default all eight; fewer: the node refuses the box)")
     sim.set_defaults(func=cmd_ecg_sim, config_path_only=True)  # needs no edge.toml
 
     arm = sub.add_parser("ecg-arm", help="link a box's next recording to a patient and order")
@@ -51,6 +53,16 @@ def add_commands(sub: Any) -> None:
     fw.add_argument("image", type=Path)
     fw.add_argument("--baud", type=int, default=None, help="default: [bridge] baud")
     fw.set_defaults(func=cmd_ecg_firmware)
+
+
+def _lead_set(text: str) -> tuple[str, ...]:
+    from firmware_bridge.const import ACQUIRED_LEADS
+
+    leads = tuple(lead.strip() for lead in text.split(",") if lead.strip())
+    unknown = [lead for lead in leads if lead not in ACQUIRED_LEADS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown lead(s) {', '.join(unknown)}; a box acquires {', '.join(ACQUIRED_LEADS)}")
+    return leads
 
 
 def _logging(level: str = "INFO") -> None:
@@ -73,7 +85,7 @@ def cmd_ecg_sim(config: Any, args: argparse.Namespace) -> int:
         line, args.box_id, args.heart_rate, sample_rate=args.sample_rate, fw_version=args.fw_version,
         baud=args.baud, speed=args.speed, record_every=args.record_every, seconds=args.seconds,
         recordings=args.recordings, inject=tuple(args.inject), reject_firmware=args.reject_firmware,
-        corrupt_chunk=args.corrupt_chunk,
+        corrupt_chunk=args.corrupt_chunk, **({"leads": args.leads} if args.leads is not None else {}),
     )
     signal.signal(signal.SIGTERM, lambda *_: box.stop())
     try:
@@ -87,6 +99,7 @@ def cmd_ecg_sim(config: Any, args: argparse.Namespace) -> int:
         "overruns": stats.overruns, "recordings_sent": stats.recordings_sent,
         "recordings_acked": len(stats.recordings_acked), "box_seconds": round(stats.sim_seconds, 1),
         "line_utilisation": round(stats.line_utilisation(args.baud), 4),
+        "hello_refused": len(stats.hello_refused), "recordings_refused": stats.naks_unsupported,
     }
     print(json.dumps(summary) if args.json else
           f"ecg-sim: {summary['recordings_acked']}/{summary['recordings_sent']} recording(s) acknowledged, "

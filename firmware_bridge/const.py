@@ -36,7 +36,7 @@ class Nak(IntEnum):
     """Why a frame was refused (NAK reason byte)."""
 
     BAD_FRAME = 1  # CRC failed: the sender resends what it has outstanding
-    UNSUPPORTED = 2
+    UNSUPPORTED = 2  # never acceptable as sent (a HELLO whose lead set cannot make a 12-lead ECG): do not resend it
     BUSY = 3  # recording: no firmware update now
     BAD_STATE = 4  # e.g. FW_CHUNK without FW_BEGIN
     BAD_OFFSET = 5
@@ -50,6 +50,11 @@ ACQUIRED_LEADS: Final = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
 
 # Channel order in the DICOM waveform (the usual 12-lead order).
 TWELVE_LEADS: Final = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+# What ecg_dicom.twelve_leads derives (Einthoven, Goldberger) from I and II; every other
+# lead of the twelve must come from the box, so a box's lead set must hold all of NEEDED_LEADS.
+DERIVED_LEADS: Final = ("III", "aVR", "aVL", "aVF")
+NEEDED_LEADS: Final = tuple(lead for lead in TWELVE_LEADS if lead not in DERIVED_LEADS)  # I, II, V1–V6
 
 # SCP-ECG lead codes (DICOM CID 3001, coding scheme SCPECG 1.3).
 SCPECG_LEADS: Final = {

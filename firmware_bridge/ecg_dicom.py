@@ -18,7 +18,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from firmware_bridge.boxes import ArmedOrder
 from firmware_bridge.const import SCPECG_LEADS, TWELVE_LEAD_ECG_SOP_CLASS, TWELVE_LEADS
-from firmware_bridge.protocol import Hello
+from firmware_bridge.protocol import Hello, missing_leads
 from firmware_bridge.recording import PADDING
 
 _UID_NAMESPACE = uuid.UUID("6f1d3c52-8a0e-4b7e-9a51-3c2a1e0f7b10")
@@ -29,8 +29,25 @@ def stable_uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join(map(str, parts))).int}"
 
 
+class MissingLeads(ValueError):
+    """The recording lacks leads the twelve cannot do without: no retry will ever make it whole."""
+
+    def __init__(self, missing: tuple[str, ...]) -> None:
+        super().__init__(f"the box did not send lead(s) {', '.join(missing)}, which a 12-lead ECG needs")
+        self.missing = missing
+
+
 def twelve_leads(acquired: np.ndarray, leads: tuple[str, ...]) -> np.ndarray:
-    """(n, 12) int16 in TWELVE_LEADS order from the box's (n, k) samples; padding stays padding."""
+    """(n, 12) int16 in TWELVE_LEADS order from the box's (n, k) samples; padding stays padding.
+
+    Raises ``MissingLeads`` when ``leads`` lacks I, II or a chest lead (HELLO refuses such a
+    box already; this keeps a KeyError from ever reaching the box as NAK STORAGE).
+    """
+    missing = missing_leads(leads)
+    if missing:
+        raise MissingLeads(missing)
+    if acquired.ndim != 2 or acquired.shape[1] != len(leads):
+        raise ValueError(f"samples have shape {acquired.shape}, not (n, {len(leads)})")
     col = {name: acquired[:, i].astype(np.float64) for i, name in enumerate(leads)}
     lead_i, lead_ii = col["I"], col["II"]
     col["III"] = lead_ii - lead_i

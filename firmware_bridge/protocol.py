@@ -16,6 +16,7 @@ from cobs import cobs
 from firmware_bridge.const import (
     ACQUIRED_LEADS,
     MAX_FRAME,
+    NEEDED_LEADS,
     PROTOCOL_MINOR,
     PROTOCOL_VERSION,
     Msg,
@@ -27,6 +28,25 @@ CRC_INIT = 0xFFFF  # CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF; check("123456
 
 class ProtocolError(ValueError):
     """A frame's payload does not parse as its message type."""
+
+
+class LeadSetRefused(ProtocolError):
+    """A well-formed HELLO whose lead set cannot make a 12-lead ECG: every recording would fail."""
+
+    def __init__(self, box_id: str, missing: tuple[str, ...]) -> None:
+        super().__init__(f"HELLO: lead set lacks {', '.join(missing)} (a 12-lead ECG needs {', '.join(NEEDED_LEADS)})")
+        self.box_id = box_id
+        self.missing = missing
+
+
+def missing_leads(leads: tuple[str, ...]) -> tuple[str, ...]:
+    """The leads a 12-lead ECG needs from the box that ``leads`` lacks (empty when it can make one)."""
+    return tuple(lead for lead in NEEDED_LEADS if lead not in leads)
+
+
+def lead_mask(leads: tuple[str, ...]) -> int:
+    """Leads as a bitmask of their HELLO codes (bit 0 I, bit 1 II, bit 2 V1 …): the NAK's arg."""
+    return sum(1 << ACQUIRED_LEADS.index(lead) for lead in set(leads) if lead in ACQUIRED_LEADS)
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,9 @@ def seq_gap(previous: int | None, current: int) -> int:
 # Each parse ignores trailing bytes: a newer minor version only ever appends fields.
 
 
+MAX_NAME = 64  # characters in HELLO's box id, model and firmware version: DICOM LO's limit
+
+
 def _str8(value: str) -> bytes:
     raw = value.encode("utf-8")[:255]
     return bytes([len(raw)]) + raw
@@ -171,6 +194,12 @@ class Hello:
 
     @classmethod
     def parse(cls, payload: bytes) -> Hello:
+        """Refuses what the bridge could not use: every recording from such a box would fail later.
+
+        Raises ``LeadSetRefused`` (a ``ProtocolError``) for a lead set without the leads a
+        12-lead ECG needs; the strings go into logs and DICOM LO values, so control characters,
+        a backslash in the box id (LO's value delimiter) or more than 64 characters are refused.
+        """
         if not payload:
             raise ProtocolError("HELLO: empty")
         box_id, pos = _read_str8(payload, 1)
@@ -182,10 +211,19 @@ class Hello:
         codes = payload[pos + 1 : pos + 1 + n]
         if len(codes) != n or any(c >= len(ACQUIRED_LEADS) for c in codes):
             raise ProtocolError("HELLO: bad lead set")
+        if len(set(codes)) != n:
+            raise ProtocolError("HELLO: a lead is listed twice")
         rate, nv = _unpack(cls._TAIL, payload[pos + 1 + n :], "HELLO")
         if not box_id or rate <= 0 or nv <= 0:
             raise ProtocolError("HELLO: empty box id, sample rate or sensitivity")
-        return cls(box_id, model, fw, rate, nv, tuple(ACQUIRED_LEADS[c] for c in codes), payload[0])
+        for what, value in (("box id", box_id), ("model", model), ("firmware version", fw)):
+            if len(value) > MAX_NAME or not value.isprintable() or (what == "box id" and "\\" in value):
+                raise ProtocolError(f"HELLO: {what} {value[:MAX_NAME]!r} is not a printable name of at most {MAX_NAME} characters")
+        leads = tuple(ACQUIRED_LEADS[c] for c in codes)
+        missing = missing_leads(leads)
+        if missing:
+            raise LeadSetRefused(box_id, missing)
+        return cls(box_id, model, fw, rate, nv, leads, payload[0])
 
 
 @dataclass(frozen=True)

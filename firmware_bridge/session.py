@@ -22,12 +22,13 @@ from edge.store.spool import KeptInstance, RejectedInstance, Spool, is_out_of_sp
 from firmware_bridge import boxes
 from firmware_bridge.config import BridgeSection
 from firmware_bridge.const import PROTOCOL_VERSION, Msg, Nak
-from firmware_bridge.ecg_dicom import EcgContext, build_ecg, write_ecg
+from firmware_bridge.ecg_dicom import EcgContext, MissingLeads, build_ecg, write_ecg
 from firmware_bridge.protocol import (
     Ack,
     Frame,
     FrameDecoder,
     Hello,
+    LeadSetRefused,
     NakMsg,
     ProtocolError,
     RecEnd,
@@ -37,6 +38,8 @@ from firmware_bridge.protocol import (
     Status,
     encode_frame,
     host_hello,
+    lead_mask,
+    missing_leads,
     parse,
     seq_gap,
 )
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 STATUS_WRITE_EVERY_S = 10.0  # unchanged STATUS is written this seldom (SD-card wear)
 DB_ERROR_LOG_EVERY_S = 60.0  # a full disk fails bookkeeping writes again and again: say so this seldom
+BAD_INPUT_LOG_EVERY_S = 60.0  # a box sending bad messages by the thousand gets one log line this often
 
 
 class PortGone(Exception):
@@ -73,6 +77,9 @@ class SessionStats:
     kept: list[str] = field(default_factory=list)  # SOP Instance UIDs
     interrupted: int = 0
     not_kept: int = 0  # finished recordings answered NAK STORAGE (the box keeps them)
+    bad_messages: int = 0  # well-framed but unparseable messages (ignored; HELLO answered NAK UNSUPPORTED)
+    hellos_refused: int = 0  # HELLOs answered NAK UNSUPPORTED (a lead set that cannot make a 12-lead ECG, …)
+    refused_recordings: int = 0  # REC_ENDs answered NAK UNSUPPORTED: never storable, the box must not resend
 
 
 class BoxSession:
@@ -111,6 +118,9 @@ class BoxSession:
         self._status_written: tuple[float, tuple[int, int, bool]] | None = None
         self._version_warned = False
         self._lead_off = 0
+        self._refused: bytes | None = None  # the last HELLO refused; cleared by a good one, silence or a replug
+        self._refused_box = ""  # its box id, when it had one
+        self._bad_input_logged: dict[str, float] = {}  # kind of bad input -> when last logged
 
     async def run(self) -> None:
         """Open, talk, and on any loss of the port wait (backing off) and open again."""
@@ -179,6 +189,7 @@ class BoxSession:
             log.info("bridge: box %s on %s silent for %.0f s", self.hello.box_id, self.port, self.settings.silence_s)
             await self._note("the box's state", boxes.note_disconnected, self.hello.box_id)
             self.hello = None
+        self._refused = None  # another box may be on the port now
         self._send(Msg.HOST_HELLO, host_hello())
 
     async def _on_frame(self, frame: Frame) -> None:
@@ -199,13 +210,23 @@ class BoxSession:
         try:
             msg = parse(frame)
         except ProtocolError as exc:
-            log.warning("bridge: bad message from %s: %s", self.port, exc)
+            if frame.type == Msg.HELLO:
+                await self._refuse_hello(frame, exc)
+            else:
+                self.stats.bad_messages += 1
+                self._log_bad_input("message", "bridge: bad message from %s: %s", self.port, exc)
             return
         if isinstance(msg, Hello):
             await self._on_hello(msg)
         elif self.hello is None:
-            if frame.type == Msg.STATUS:  # a box that was there before we opened: ask
-                self._send(Msg.HOST_HELLO, host_hello())
+            if frame.type == Msg.STATUS and self._refused is None:  # a box that was there before we opened: ask
+                self._send(Msg.HOST_HELLO, host_hello())  # (a refused box would only say the same HELLO again)
+            elif frame.type == Msg.REC_END and self._refused is not None:  # recorded with the refused lead set
+                self.stats.refused_recordings += 1
+                self._log_bad_input("refused recording", "bridge: box %s recording %d on %s refused: the box's HELLO "
+                                    "was refused; answered NAK UNSUPPORTED", self._refused_box or "?",
+                                    msg.rec_id, self.port)  # type: ignore[attr-defined]
+                self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.UNSUPPORTED, msg.rec_id).pack())  # type: ignore[attr-defined]
             elif frame.type == Msg.REC_END:
                 self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.BAD_STATE, msg.rec_id).pack())  # type: ignore[attr-defined]
         elif isinstance(msg, Status):
@@ -218,7 +239,39 @@ class BoxSession:
         elif isinstance(msg, RecEnd):
             await self._on_rec_end(frame, msg)
 
+    async def _refuse_hello(self, frame: Frame, exc: ProtocolError) -> None:
+        """NAK UNSUPPORTED (arg: the missing leads' bitmask) and forget the box until a good HELLO.
+
+        One log line per distinct HELLO: a refused box that keeps saying the same is not news.
+        """
+        self.stats.hellos_refused += 1
+        if self._recording is not None:
+            await self._interrupt("box restarted with a HELLO the bridge refused")
+        if self.hello is not None:
+            await self._note("the box's state", boxes.note_disconnected, self.hello.box_id)
+            self.hello = None
+        missing = exc.missing if isinstance(exc, LeadSetRefused) else ()
+        if frame.payload != self._refused:
+            if isinstance(exc, LeadSetRefused):
+                log.error("bridge: box %s on %s refused: its lead set lacks %s, so no 12-lead ECG can be made; "
+                          "answered NAK UNSUPPORTED (fix the box's lead set or firmware)",
+                          exc.box_id, self.port, ", ".join(missing))
+            else:
+                log.error("bridge: box on %s refused: %s; answered NAK UNSUPPORTED", self.port, exc)
+        self._refused = frame.payload
+        self._refused_box = exc.box_id if isinstance(exc, LeadSetRefused) else ""
+        self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.UNSUPPORTED, lead_mask(missing)).pack())
+
+    def _log_bad_input(self, kind: str, line: str, *args: object) -> None:
+        """A warning per kind of bad input at most every ``BAD_INPUT_LOG_EVERY_S`` (a hostile box floods)."""
+        now = time.monotonic()
+        last = self._bad_input_logged.get(kind)
+        if last is None or now - last >= BAD_INPUT_LOG_EVERY_S:
+            self._bad_input_logged[kind] = now
+            log.warning(line, *args)
+
     async def _on_hello(self, hello: Hello) -> None:
+        self._refused = None
         if self._recording is not None:
             await self._interrupt("box restarted")
         changed = self.hello is None or self.hello != hello
@@ -279,8 +332,18 @@ class BoxSession:
             return
         self._recording = None
         box_id = self.hello.box_id
+        missing = missing_leads(rec.hello.leads)
         try:
+            if missing:  # HELLO.parse refuses such a box; should one get here, no retry can help
+                raise MissingLeads(missing)
             kept = await asyncio.to_thread(self._keep, rec, end)
+        except MissingLeads as exc:  # never storable: NAK STORAGE would have the box offer it for ever
+            self.stats.refused_recordings += 1
+            log.error("bridge: box %s recording %d refused: %s; answered NAK UNSUPPORTED", box_id, rec.rec_id, exc)
+            await self._note("the recording's state", boxes.recording_finished, box_id, rec.rec_id, "failed",
+                             samples=rec.received, lost_frames=rec.lost_frames, detail=str(exc))
+            self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.UNSUPPORTED, end.rec_id).pack())
+            return
         except Exception as exc:  # whatever it was, the box must hear it and keep the recording
             reason = _not_kept_reason(exc)
             line = "bridge: box %s recording %d not kept: %s; answered NAK STORAGE: the box keeps it and offers it again"
@@ -373,6 +436,7 @@ class BoxSession:
         return True
 
     async def _disconnected(self) -> None:
+        self._refused = None
         if self._recording is not None:
             await self._interrupt("port lost")
         if self.hello is not None:

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from firmware_bridge.const import (
+    ACQUIRED_LEADS,
     ELECTRODES,
     FLAG_RECORDING,
     PROTOCOL_VERSION,
@@ -75,6 +76,8 @@ class BoxStats:
     sent_samples: dict[int, object] = field(default_factory=dict)  # rec_id -> (n, 8) int16 as sent
     naks_bad_frame: int = 0
     naks_storage: int = 0  # REC_END answered NAK STORAGE: the node could not keep it (the box still holds it)
+    naks_unsupported: int = 0  # REC_END answered NAK UNSUPPORTED: never storable, not offered again
+    hello_refused: list[tuple[int, int]] = field(default_factory=list)  # (reason, arg) of each NAK to a HELLO
     sim_seconds: float = 0.0
 
     def line_utilisation(self, baud: int) -> float:
@@ -106,7 +109,9 @@ class SoftwareBox:
         battery_pct: int = 87,
         keep_samples: bool = False,
         seed: int = 1,
+        leads: tuple[str, ...] = ACQUIRED_LEADS,
     ) -> None:
+        """``leads``: the lead set HELLO announces (a box wired or configured wrongly sends fewer)."""
         unknown = set(inject) - set(INJECTIONS)
         if unknown:
             raise ValueError(f"unknown injection(s): {', '.join(sorted(unknown))}")
@@ -119,6 +124,8 @@ class SoftwareBox:
         self.corrupt_chunk = corrupt_chunk if corrupt_chunk is not None else None
         self.battery_pct = battery_pct
         self.keep_samples = keep_samples
+        self.leads = tuple(leads)
+        self.refused = False  # the node NAKed our HELLO: no recording until we introduce ourselves again
         self.rng = random.Random(seed)
         lead_off = (4,) if "lead-off" in self.inject else ()  # V3
         self.lead_off_mask = (1 << ELECTRODES.index("V3")) if lead_off else 0
@@ -164,7 +171,19 @@ class SoftwareBox:
                 self.line.write(b"\x00")  # ends whatever half frame the node holds
             except LineDown:
                 return
-        self._send(Msg.HELLO, Hello(self.box_id, self.model, self.fw_version, self.sample_rate, self.nv_per_lsb).pack())
+        self._send(Msg.HELLO, Hello(self.box_id, self.model, self.fw_version, self.sample_rate, self.nv_per_lsb,
+                                    self.leads).pack())
+
+    @property
+    def _columns(self) -> list[int]:
+        """The synthesiser's columns (all eight acquired leads) for the lead set we announce."""
+        return [ACQUIRED_LEADS.index(lead) for lead in self.leads]
+
+    def introduce(self, leads: tuple[str, ...]) -> None:
+        """Say HELLO again with another lead set (the technician fixed the box's lead configuration)."""
+        self.leads = tuple(leads)
+        self._hello()  # before recording may start again: the node must know us by its first REC_START
+        self.refused = False
 
     def _status(self) -> None:
         flags = FLAG_RECORDING if self._recording else 0
@@ -202,8 +221,18 @@ class SoftwareBox:
                 self._pending = None
                 self.stats.recordings_acked.append(msg.arg)
                 log.info("ecg-sim: recording %d acknowledged by the node", msg.arg)
+        elif isinstance(msg, NakMsg) and msg.ref_type == Msg.HELLO:
+            self.refused = True  # a real box shows this on its display
+            self.stats.hello_refused.append((msg.reason, msg.arg))
+            missing = [lead for code, lead in enumerate(ACQUIRED_LEADS) if msg.arg & (1 << code)]
+            log.warning("ecg-sim: the node refused this box's HELLO (NAK %s%s)", _nak_name(msg.reason),
+                        f": lead set lacks {', '.join(missing)}" if missing else "")
         elif isinstance(msg, NakMsg) and msg.ref_type == Msg.REC_END:
-            if self._pending and self._pending[0] == msg.arg:
+            if self._pending and self._pending[0] == msg.arg and msg.reason == Nak.UNSUPPORTED:
+                self._pending = None  # the node can never keep it: offering it again would only repeat this
+                self.stats.naks_unsupported += 1
+                log.warning("ecg-sim: recording %d refused for good by the node (NAK UNSUPPORTED)", msg.arg)
+            elif self._pending and self._pending[0] == msg.arg:
                 if msg.reason == Nak.STORAGE:  # the node's disk is full: give it time
                     self.stats.naks_storage += 1
                     self._replay_after = time.monotonic() + STORAGE_RETRY_S / self.speed
@@ -312,7 +341,7 @@ class SoftwareBox:
                     rec_id, frames, _ = self._pending
                     self._pending = (rec_id, frames, time.monotonic())
                     self._send(Msg.REC_END, frames[-1][1])
-                if now >= next_record and not self._fw and self._pending is None:
+                if now >= next_record and not self._fw and self._pending is None and not self.refused:
                     unplug_at = 0.4 if ("disconnect" in self.inject and not disconnected_once) else None
                     self._record(unplug_at)
                     disconnected_once = disconnected_once or unplug_at is not None
@@ -362,7 +391,7 @@ class SoftwareBox:
             due = start + (first + n) / self.sample_rate  # a block leaves once its samples exist
             while self._sim_now() < due:
                 self._sleep_sim(min(due - self._sim_now(), 0.05))
-            data = self.synth.block(n)
+            data = self.synth.block(n)[:, self._columns]
             blocks.append(data)
             payload = Samples(rec_id, first, data).pack()
             frames.append((Msg.SAMPLES, payload))
@@ -407,3 +436,10 @@ class SoftwareBox:
         self._plugged.set()
         log.info("ecg-sim: box %s plugged in again", self.box_id)
         self._hello()
+
+
+def _nak_name(reason: int) -> str:
+    try:
+        return Nak(reason).name
+    except ValueError:
+        return str(reason)
