@@ -34,9 +34,9 @@ def _open_store(config: EdgeConfig) -> None:
 def cmd_run(config: EdgeConfig, args: argparse.Namespace) -> int:
     _setup_logging(config)
     if args.command == "run":  # a supervisor of `edge serve` children: ingest apart from the web apps
-        from edge.supervisor import supervise
+        from edge.supervisor import exec_supervisor
 
-        return asyncio.run(supervise(resolve_config_path(args.config), config.node.id))
+        exec_supervisor(resolve_config_path(args.config), config.node.id, config.logging.level)
     from edge.supervisor import follow_supervisor
 
     names = tuple(n for n in SERVICE_NAMES if n in args.service)

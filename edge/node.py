@@ -7,6 +7,7 @@ import logging
 import shutil
 import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from peewee import DatabaseError
 
@@ -17,6 +18,9 @@ from edge.service import Service, ServiceSetupError
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
 from edge.store.spool import Spool
+
+if TYPE_CHECKING:
+    from edge.ops.dicom_metrics import DicomMetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,24 @@ class _SyncWithBell:
     async def stop(self) -> None:
         self.bell.stop()
         await self.sync.stop()
+
+
+class _DicomWithMetricsFile:
+    """The DICOM service, its counters written for a console in another process (edge.ops.dicom_metrics)."""
+
+    name = "dicom"
+
+    def __init__(self, dicom: Service, writer: DicomMetricsWriter) -> None:
+        self.dicom = dicom
+        self.writer = writer
+
+    async def start(self) -> None:
+        await self.dicom.start()
+        await self.writer.start()
+
+    async def stop(self) -> None:
+        await self.writer.stop()
+        await self.dicom.stop()
 
 
 def build_services(config: EdgeConfig, names: Sequence[str], node_names: Sequence[str] | None = None) -> list[Service]:
@@ -95,7 +117,19 @@ def build_services(config: EdgeConfig, names: Sequence[str], node_names: Sequenc
                 report.files_unreadable,
                 report.rows_missing_file,
             )
-            services.append(DicomService(config, spool, on_kept=lambda kept: wake_sync(), make_room=make_room))
+            if "console" in names:
+                services.append(DicomService(config, spool, on_kept=lambda kept: wake_sync(), make_room=make_room))
+            else:  # the console runs elsewhere: it reads this process's counters from a file
+                from edge.ops.dicom_metrics import DicomMetricsWriter
+
+                writer = DicomMetricsWriter(config.data_dir)
+
+                def kept_here(kept: object) -> None:
+                    wake_sync()
+                    writer.changed()
+
+                services.append(_DicomWithMetricsFile(
+                    DicomService(config, spool, on_kept=kept_here, make_room=make_room), writer))
         elif name == "bridge":  # ECG boxes; idles when no port is configured or plugged in
             from firmware_bridge.service import BridgeService
 
@@ -110,6 +144,10 @@ def build_services(config: EdgeConfig, names: Sequence[str], node_names: Sequenc
         elif name == "console":
             from edge.console.app import ConsoleService
 
+            if "dicom" not in names:
+                from edge.ops.dicom_metrics import show_published_dicom_metrics
+
+                show_published_dicom_metrics(config.data_dir)
             services.append(ConsoleService(
                 config, services=tuple(n for n in (node_names or names) if n != "console"),
                 wake_sync=wake_sync,  # "send now", STAT

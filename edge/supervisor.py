@@ -21,6 +21,7 @@ service through ``edge.outbox_bell``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import logging
@@ -31,11 +32,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from edge.ops import sdnotify
+from edge.ops import sdnotify  # and nothing heavier: the supervisor stays a bare interpreter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edge.supervisor")  # also when run as __main__
 
 # (label, services): started in this order, stopped in reverse.
 RUN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -50,6 +52,14 @@ RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 STEADY_S = 60.0  # a child up this long starts again from the shortest backoff
 _PR_SET_PDEATHSIG = 1
+
+
+def exec_supervisor(config_path: Path, node_id: str, log_level: str) -> None:
+    """Become the supervisor: `edge` has imported the whole node by now, ``python -m edge.supervisor`` needs ~20 MB."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "edge.supervisor", "--config", str(config_path.resolve()),
+                              "--node-id", node_id, "--log-level", log_level])
 
 
 def follow_supervisor() -> bool:
@@ -257,3 +267,19 @@ async def supervise(config_path: Path, node_id: str) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Only `edge run` calls this (through exec_supervisor), with a config it has already checked."""
+    parser = argparse.ArgumentParser(prog="edge run")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return asyncio.run(supervise(args.config, args.node_id))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -340,3 +340,28 @@ def test_serve_accepts_several_services_in_one_process(node_factory: Any) -> Non
     node.start()
     assert echo(node).returncode == 0
     assert http_status(node.console_port) == 200
+
+
+def test_edge_run_under_systemd_says_ready_once_both_children_are_up(
+    node_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+        node: EdgeNode = node_factory(("run",), sync={"enabled": False})
+        node.start()
+        sock.settimeout(30)
+        messages: list[str] = []
+        while not any(m.startswith("READY=1") for m in messages):
+            messages.append(sock.recv(4096).decode())
+        ready = next(m for m in messages if m.startswith("READY=1"))
+        assert "dicom" in ready and "console" in ready, ready
+        assert http_status(node.console_port) == 200  # the web apps were up when READY was said
+        while "WATCHDOG=1" not in messages:  # the supervisor feeds systemd's watchdog
+            messages.append(sock.recv(4096).decode())
+        assert sum(m.startswith("READY=1") for m in messages) == 1  # the children's READY went to the supervisor
+        assert node.stop() == 0
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
