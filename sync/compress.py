@@ -40,6 +40,8 @@ from pydicom.uid import (
     JPEGLSLossless,
 )
 
+from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
+
 log = logging.getLogger(__name__)
 
 CompressMethod = Literal["none", "jpeg-ls", "j2k"]
@@ -62,6 +64,11 @@ frame while encoding), and the check holds two decoded copies: a 3000x3000 16-bi
 image (~18 MB) peaks at ~100-120 MB above the process's baseline. 64 MB still covers a
 single mammogram; it does not cover a long multi-frame cine, which goes as it is."""
 
+MAX_COMPRESS_ELEMENTS: Final = 50_000
+"""Instances with more elements are sent as they are stored, never parsed: pydicom holds
+some 400-500 bytes per element, so a file of 2 million tiny elements (20 MB) took ~820 MB
+to read. A DR image has a few hundred; an enhanced multi-frame object tens of thousands."""
+
 _FLOAT_PIXEL_KEYWORDS: Final = ("FloatPixelData", "DoubleFloatPixelData")
 
 MIN_PIXELS: Final = 32 * 32
@@ -74,6 +81,17 @@ _WORD_VRS: Final = frozenset({"OW", "OF", "OD", "OL", "OV", "UN"})
 
 # pylibjpeg-openjpeg always uses 6 DWT resolutions, which need a side of 2**5 pixels.
 _J2K_MIN_SIDE: Final = 32
+
+
+class UnfitForUpload(Exception):
+    """The stored instance costs more to decode than ``[storage]`` allows: quarantine it, do not retry it.
+
+    ``reason`` is for the technician (``edge studies``) and names the limit.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -136,29 +154,48 @@ def check_codecs(method: CompressMethod) -> None:
         raise RuntimeError(f"compress = {method!r}: the {uid.name} codec self-test was not lossless")
 
 
-def prepare_upload(source: Path, tmp_dir: Path, method: CompressMethod) -> PreparedUpload:
+def prepare_upload(
+    source: Path, tmp_dir: Path, method: CompressMethod, limits: DecodeLimits | None = None
+) -> PreparedUpload:
     """Return the file to upload for `source`: a verified lossless copy in `tmp_dir`, or `source`.
 
-    Runs in a worker thread. It does not raise because compression failed; it raises
-    ``OSError`` only if `source` cannot be stat'ed (the upload could not read it either)
-    and ``ValueError`` for an unknown `method` (a bug: config validation rejects it).
+    Runs in a worker thread. Before anything decodes the file, a bounded walk
+    (:func:`edge.store.walk.walk_instance`) measures it against `limits`; files too big
+    once inflated, or with too many elements, to parse in memory are sent as stored.
+    It does not raise because compression failed; it raises ``UnfitForUpload`` when the
+    file is over `limits` (it was kept before them, or under laxer ones), ``OSError`` only
+    if `source` cannot be stat'ed (the upload could not read it either) and
+    ``ValueError`` for an unknown `method` (a bug: config validation rejects it).
     """
+    limits = limits or DecodeLimits()
     original_bytes = source.stat().st_size
-    if method == "none":
-        return _original(source, original_bytes, _stored_syntax(source), "compression off")
-    if method not in _CODECS:
-        raise ValueError(f"unknown compression method {method!r}")
-    uid, plugin, _ = _CODECS[method]
-
     stored = _stored_syntax(source)
+    if method == "none" and stored != DeflatedExplicitVRLittleEndian:
+        return _original(source, original_bytes, stored, "compression off")  # nothing here decodes it
+    if method != "none" and method not in _CODECS:
+        raise ValueError(f"unknown compression method {method!r}")
     if not stored:
         return _original(source, original_bytes, stored, "no transfer syntax in file meta: sent as is")
     if stored not in UNCOMPRESSED_SYNTAXES:
         return _original(source, original_bytes, stored, f"already encoded as {UID(stored).name}: sent as is")
-    if original_bytes > MAX_COMPRESS_FILE_BYTES:
+    try:
+        walked = walk_instance(source, limits)
+    except OverLimit as exc:
+        raise UnfitForUpload(f"not sent: {exc.reason}") from None
+    except Malformed as exc:
+        return _original(source, original_bytes, stored, f"{exc.reason}: sent as is, unparsed")
+    if method == "none":
+        return _original(source, original_bytes, stored, "compression off")
+    uid, plugin, _ = _CODECS[method]
+    if walked.elements > MAX_COMPRESS_ELEMENTS:
+        return _original(
+            source, original_bytes, stored, f"{walked.elements} elements are too many to compress in memory: sent as is",
+        )
+    decoded_bytes = max(original_bytes, walked.decoded_bytes)  # what pydicom would hold: inflated, if deflated
+    if decoded_bytes > MAX_COMPRESS_FILE_BYTES:
         return _original(
             source, original_bytes, stored,
-            f"{original_bytes // 2**20} MB is too large to compress in memory: sent uncompressed",
+            f"{decoded_bytes // 2**20} MB decoded is too large to compress in memory: sent uncompressed",
         )
 
     started = time.perf_counter()

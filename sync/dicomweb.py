@@ -38,6 +38,11 @@ CHUNK_SIZE = 64 * 1024
 
 _ERROR_BODY_CHARS = 300
 
+MAX_JSON_BYTES = 8 * 1024 * 1024
+"""Largest QIDO-RS or STOW-RS answer read: parsed JSON takes ~10x its size in Python, and
+8 MB is tens of thousands of instances. A longer answer is refused, not read."""
+_ERROR_BODY_BYTES = 64 * 1024  # of an error answer only the start is shown to anyone
+
 # DICOM JSON tags used here (PS3.18 Annex F: 8 upper-case hex digits).
 STUDY_INSTANCE_UID = "0020000D"
 SERIES_INSTANCE_UID = "0020000E"
@@ -377,7 +382,9 @@ class DicomWebClient:
         body = _multipart_body(paths, sizes, heads, separator, tail, pacers, progress)
         try:
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                raw = await resp.read()
+                # Cut short, an answer does not parse: ambiguous, and the QIDO-RS check decides.
+                json_answer = resp.status in (200, 202, 409)
+                raw = await _read_capped(resp, MAX_JSON_BYTES if json_answer else _ERROR_BODY_BYTES, "STOW-RS", truncate=True)
                 status = resp.status
                 warning_headers = resp.headers.getall("Warning", [])
                 retry_after = _retry_after(resp.headers)
@@ -516,15 +523,21 @@ class DicomWebClient:
 
     # ------------------------------------------------------------------ WADO-RS
 
-    async def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str, dest: Path) -> Path:
+    async def retrieve_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, dest: Path, max_bytes: int | None = None
+    ) -> Path:
         """Fetch one instance as a Part 10 file at ``dest``, streamed and fsynced.
 
         Written to ``dest.tmp`` first and renamed, so ``dest`` is either whole or absent.
+        At most ``max_bytes`` are taken (None: no cap): a cloud sending more is refused
+        before the disk fills, never read into memory.
 
         Raises
         ------
         DicomWebError
-            any non-200 status, a response that is not one DICOM part, or a transport failure.
+            any non-200 status, a response that is not one DICOM part, one over
+            ``max_bytes`` (not transient: the same answer would come again), or a
+            transport failure.
         """
         dest = Path(dest)
         tmp = dest.with_name(dest.name + ".tmp")
@@ -538,13 +551,13 @@ class DicomWebClient:
                     if resp.status == 406 and accept == MULTIPART_DICOM_AS_STORED:
                         continue  # a server that only serves its default transfer syntax
                     if resp.status != 200:
-                        raw = await resp.read()
+                        raw = await _read_capped(resp, _ERROR_BODY_BYTES, "WADO-RS", truncate=True)
                         raise DicomWebError(
                             f"WADO-RS failed: {_short(raw) or resp.reason or 'no body'}",
                             status=resp.status, transient=is_transient_status(resp.status),
                             retry_after=_retry_after(resp.headers),
                         )
-                    written = await _save_instance(resp, tmp)
+                    written = await _save_instance(resp, tmp, max_bytes)
                     break
         except (TimeoutError, aiohttp.ClientError) as exc:
             tmp.unlink(missing_ok=True)
@@ -562,7 +575,8 @@ class DicomWebClient:
         headers = {**self._headers, "Accept": DICOM_JSON}
         try:
             async with self._session.get(url, params=params, headers=headers) as resp:
-                raw = await resp.read()
+                ok = resp.status < 300
+                raw = await _read_capped(resp, MAX_JSON_BYTES if ok else _ERROR_BODY_BYTES, what, truncate=not ok)
                 if resp.status == 204:
                     return None
                 if resp.status != 200:
@@ -579,6 +593,27 @@ class DicomWebClient:
         if data is None:
             raise DicomWebError(f"{what} answer is not JSON: {_short(raw)}", status=200, transient=False)
         return data
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str, truncate: bool = False) -> bytes:
+    """The answer's body, at most ``limit`` bytes: with ``truncate`` its start, else over it is refused.
+
+    ``resp.read()`` would hold whatever the server sends; a cloud (or whoever answers on
+    its address) sending gigabytes must not take the node's memory.
+    """
+    declared = resp.content_length
+    if declared is not None and declared > limit and not truncate:
+        raise DicomWebError(f"{what} answer of {declared} bytes is over the {limit} byte limit: not read",
+                            status=resp.status, transient=False)
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await resp.content.read(min(CHUNK_SIZE, limit + 1 - len(body)))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    if truncate:
+        return bytes(body[:limit])
+    raise DicomWebError(f"{what} answer is over the {limit} byte limit: not read", status=resp.status, transient=False)
 
 
 def _segment(uid: str) -> str:
@@ -646,8 +681,15 @@ async def _multipart_body(
     progress.complete = True
 
 
-async def _save_instance(resp: aiohttp.ClientResponse, tmp: Path) -> int:
-    """Stream the first DICOM part of a WADO-RS answer into ``tmp``; returns its size."""
+async def _save_instance(resp: aiohttp.ClientResponse, tmp: Path, max_bytes: int | None = None) -> int:
+    """Stream the first DICOM part of a WADO-RS answer into ``tmp``; returns its size.
+
+    Stops, and raises, as soon as more than ``max_bytes`` have come (the caller removes ``tmp``).
+    """
+    limit = max_bytes
+    declared = resp.content_length
+    if limit is not None and declared is not None and declared > limit + 64 * 1024:  # room for the multipart framing
+        raise _too_big(limit)
     content_type = resp.headers.get("Content-Type", "")
     if content_type.lower().startswith("multipart/"):
         reader = aiohttp.MultipartReader(resp.headers, resp.content)
@@ -675,14 +717,22 @@ async def _save_instance(resp: aiohttp.ClientResponse, tmp: Path) -> int:
         async for chunk in chunks():
             if len(prefix) < 132:
                 prefix += chunk[: 132 - len(prefix)]
-            await asyncio.to_thread(handle.write, chunk)
             written += len(chunk)
+            if limit is not None and written > limit:
+                raise _too_big(limit)
+            await asyncio.to_thread(handle.write, chunk)
         await asyncio.to_thread(_flush_and_sync, handle)
     finally:
         await asyncio.to_thread(handle.close)
     if prefix[128:132] != b"DICM":
         raise DicomWebError("WADO-RS answer is not a DICOM Part 10 file", status=200, transient=False)
     return written
+
+
+def _too_big(limit: int) -> DicomWebError:
+    return DicomWebError(
+        f"WADO-RS answer over {limit // (1024 * 1024)} MB ([reports] max_report_mb): not kept", status=200, transient=False
+    )
 
 
 def _flush_and_sync(handle: BinaryIO) -> None:

@@ -31,6 +31,7 @@ from tenacity import RetryCallState, wait_exponential_jitter
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
 from edge.store.spool import fsync_dir
+from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
 from sync.dicomweb import (
     ENCAPSULATED_PDF,
     REPORT_SOP_CLASSES,
@@ -52,6 +53,9 @@ REPORTS_DIR = "reports"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SR_MAX_DEPTH = 32  # deeper content trees are not a reader's report; stop rather than recurse forever
 _ERROR_CHARS = 500
+# A reader's report (an SR tree, a PDF in one element) has hundreds to a few thousand
+# elements; pydicom holds ~450 bytes for each, so this keeps a hostile one under ~50 MB.
+MAX_REPORT_ELEMENTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,12 @@ class ReportSettings:
     min_backoff_s: float = 60.0
     max_backoff_s: float = 3600.0
     max_studies_per_round: int = 20
+    max_report_bytes: int = 32 * 1024 * 1024  # [reports] max_report_mb: the WADO-RS body, and the report once inflated
+    max_deflate_ratio: float = 50.0  # [storage] max_deflate_ratio
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_report_bytes, self.max_deflate_ratio, MAX_REPORT_ELEMENTS, "[reports] max_report_mb")
 
 
 @dataclass(frozen=True)
@@ -399,11 +409,18 @@ class ReportPuller:
         folder = self.root / study_uid
         await asyncio.to_thread(_make_dir, folder, self.root)
         dest = folder / f"{sop_uid}.dcm"
-        await client.retrieve_instance(study_uid, series_uid, sop_uid, dest)
+        await client.retrieve_instance(study_uid, series_uid, sop_uid, dest, max_bytes=self.settings.max_report_bytes)
         return await asyncio.to_thread(self._read_report, study_uid, sop_uid, dest)
 
     def _read_report(self, study_uid: str, sop_uid: str, path: Path) -> _Fetched:
         """Check the fetched file is this study's report and turn it into what the kiosk shows."""
+        try:  # before pydicom holds it whole: a deflated or flooded file could cost any amount
+            walk_instance(path, self.settings.decode_limits)
+        except (OverLimit, Malformed) as exc:
+            path.unlink(missing_ok=True)
+            raise _Unusable(f"not kept: {exc.reason}") from None
+        except OSError as exc:
+            raise _Unusable(f"cannot read the fetched file: {exc}") from None
         try:
             ds = dcmread(path)
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:

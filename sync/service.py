@@ -11,6 +11,7 @@ import aiohttp
 from edge.service import ServiceSetupError
 from edge.config import EdgeConfig
 from edge.store.spool import Spool
+from edge.store.walk import DecodeLimits
 from sync import metrics
 from sync.cloud import CloudSetupError, load_auth_headers, open_session
 from sync.compress import check_codecs
@@ -56,7 +57,8 @@ class SyncService:
         await asyncio.to_thread(release_interrupted)
         if cfg.sync.enabled:
             self._worker = OutboxWorker(
-                cfg.sync, self.spool, client, self.spool.tmp, cfg.cloud.read_timeout_s, on_synced=self._synced.set
+                cfg.sync, self.spool, client, self.spool.tmp, cfg.cloud.read_timeout_s, on_synced=self._synced.set,
+                limits=DecodeLimits.from_storage(cfg.storage),
             )
             self._tasks.append(asyncio.create_task(self._worker.run(), name="outbox"))
         if cfg.reports.enabled:
@@ -66,6 +68,8 @@ class SyncService:
                     lookback_days=cfg.reports.lookback_days,
                     min_backoff_s=cfg.reports.min_backoff_s,
                     max_backoff_s=cfg.reports.max_backoff_s,
+                    max_report_bytes=cfg.reports.max_report_mb * 2**20,
+                    max_deflate_ratio=cfg.storage.max_deflate_ratio,
                 ),
             )
             self._tasks.append(asyncio.create_task(

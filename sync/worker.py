@@ -25,8 +25,9 @@ from tenacity import (
 )
 
 from edge.store.spool import Spool
+from edge.store.walk import DecodeLimits
 from sync import metrics
-from sync.compress import PreparedUpload, prepare_upload
+from sync.compress import PreparedUpload, UnfitForUpload, prepare_upload
 from sync.config import SyncSection, parse_window
 from sync.dicomweb import DicomWebClient, DicomWebError, StowResult
 from sync.outbox import (
@@ -87,8 +88,11 @@ class OutboxWorker:
         tmp_dir: Path,
         read_timeout_s: float = 120.0,
         on_synced: Callable[[], None] | None = None,
+        limits: DecodeLimits | None = None,
     ) -> None:
+        """``limits``: what preparing one instance may cost to decode (``[storage]``); over them it is quarantined."""
         self.settings = settings
+        self.limits = limits or DecodeLimits()
         self.on_synced = on_synced
         self.settings_read_timeout_s = read_timeout_s
         self.spool = spool
@@ -181,16 +185,37 @@ class OutboxWorker:
             items = [i for i in items if i.outbox_id not in missing]
         if not items:
             return
-        prepared = await asyncio.to_thread(self._prepare, items)
+        outcomes = await asyncio.to_thread(self._prepare, items)
+        unfit = {i.outbox_id: reason for i, reason in zip(items, outcomes) if isinstance(reason, str)}
+        prepared = [p for p in outcomes if isinstance(p, PreparedUpload)]
         try:
-            await self._upload(batch, items, prepared)
+            if unfit:
+                metrics.FAILURES.labels("unfit").inc(len(unfit))
+                await asyncio.to_thread(
+                    mark_quarantined, batch.study_instance_uid, unfit, {i.outbox_id: i.sop_instance_uid for i in items}
+                )
+                items = [i for i in items if i.outbox_id not in unfit]
+            if items:
+                await self._upload(batch, items, prepared)
         finally:
             for p in prepared:
                 if p.temporary:
                     p.path.unlink(missing_ok=True)
 
-    def _prepare(self, items: Sequence[BatchItem]) -> list[PreparedUpload]:
-        return [prepare_upload(self.spool.root / i.path, self.tmp_dir, self.settings.compress) for i in items]
+    def _prepare(self, items: Sequence[BatchItem]) -> list[PreparedUpload | str]:
+        """What to send for each item, or why it cannot be sent: quarantined at once, since a retry would fail the same way."""
+        outcomes: list[PreparedUpload | str] = []
+        for item in items:
+            try:
+                outcomes.append(prepare_upload(self.spool.root / item.path, self.tmp_dir, self.settings.compress, self.limits))
+            except UnfitForUpload as exc:
+                outcomes.append(exc.reason)
+            except OSError as exc:
+                outcomes.append(f"not sent: the spool file cannot be read ({exc.strerror or exc})")
+            except Exception as exc:  # a decoder's bug or MemoryError: the same file fails the same way next time
+                log.exception("sync: preparing instance %s for upload failed", item.sop_instance_uid)
+                outcomes.append(f"not sent: preparing it for upload failed ({type(exc).__name__})")
+        return outcomes
 
     async def _skip_what_the_cloud_has(self, batch: Batch, items: list[BatchItem]) -> list[BatchItem]:
         """After an ambiguous failure the cloud may hold some of these already: ask before resending."""

@@ -115,7 +115,7 @@ def read_header(path: Path, limits: DecodeLimits | None = None) -> InstanceHeade
         raise RejectedInstance(0xC000, f"cannot parse dataset: {exc.strerror or exc}") from None
     try:
         values = {name: _text(walked.header.get(name)) for name in _HEADER_TAGS}
-    except (ValueError, KeyError, TypeError, LookupError) as exc:  # a value that does not decode
+    except Exception as exc:  # a value that does not decode (bad VR, charset, number): pydicom's many errors
         raise RejectedInstance(0xC000, f"cannot parse dataset: {type(exc).__name__}") from None
     for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
         uid = values[name]
