@@ -118,11 +118,19 @@ def recording_started(box_id: str, rec_id: int) -> None:
 
 def recording_finished(box_id: str, rec_id: int, state: str, consumed_arming: int | None = None,
                        **values: Any) -> None:
-    """Close a recording row; when it was kept for an armed order, the arming is used up."""
+    """Close a recording row; when it was kept for an armed order, the arming is used up.
+
+    A kept recording stays kept: a box offering it again (its ACK was lost) and cut short
+    is no reason to show the technician "interrupted" for what is safely in the spool.
+    """
+    this = (EcgRecording.box_id == box_id) & (EcgRecording.rec_id == rec_id)
     with write_transaction():
-        updated = EcgRecording.update(state=state, ended_at=utcnow(), **values).where(
-            EcgRecording.box_id == box_id, EcgRecording.rec_id == rec_id).execute()
-        if not updated:  # its start could not be noted (a full disk then): the end still is
+        query = EcgRecording.update(state=state, ended_at=utcnow(), **values).where(this)
+        if state != "kept":
+            query = query.where(EcgRecording.state != "kept")
+        updated = query.execute()
+        if not updated and not EcgRecording.select().where(this).exists():
+            # its start could not be noted (a full disk then): the end still is
             EcgRecording.create(box_id=box_id, rec_id=rec_id, state=state, ended_at=utcnow(), **values)
         if consumed_arming is not None:
             Arming.delete().where(Arming.id == consumed_arming).execute()

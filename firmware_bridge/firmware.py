@@ -22,6 +22,7 @@ from firmware_bridge.protocol import (
     FwBegin,
     FwChunk,
     Hello,
+    LeadSetRefused,
     NakMsg,
     SeqCounter,
     encode_frame,
@@ -84,6 +85,8 @@ class _Link:
                     continue
                 try:
                     msg = parse(frame)
+                except LeadSetRefused as exc:  # no use for recordings, but new firmware may be its cure
+                    msg = exc.hello
                 except ValueError:
                     continue
                 if accept(frame.type, msg):
@@ -121,8 +124,12 @@ def update_firmware(port_name: str, image: bytes, baud: int = 115200) -> UpdateR
         _step(link, hello, Msg.FW_BEGIN, FwBegin(len(image), hashlib.sha256(image).digest()).pack())
         resent = 0
         offset = 0
+        budget = RETRIES * (len(image) // FW_CHUNK + 2)  # chunk requests in all: a box rewinding for ever is given up on
         while offset < len(image):
             chunk = image[offset : offset + FW_CHUNK]
+            budget -= 1
+            if budget < 0:
+                _rollback(link, hello, f"the box kept asking for chunks again ({resent} resent)")
             for _ in range(RETRIES):
                 answer = link.request(Msg.FW_CHUNK, FwChunk(offset, chunk).pack(), arg=offset)
                 if isinstance(answer, Ack):
@@ -130,6 +137,8 @@ def update_firmware(port_name: str, image: bytes, baud: int = 115200) -> UpdateR
                     break
                 resent += 1
                 if isinstance(answer, NakMsg) and answer.reason == Nak.BAD_OFFSET:
+                    if answer.arg > len(image):
+                        _rollback(link, hello, f"the box asked for offset {answer.arg}, past the {len(image)}-byte image")
                     offset = answer.arg
                     break
                 log.info("firmware: box %s: chunk at %d %s; sending it again", hello.box_id, offset,

@@ -33,9 +33,10 @@ class ProtocolError(ValueError):
 class LeadSetRefused(ProtocolError):
     """A well-formed HELLO whose lead set cannot make a 12-lead ECG: every recording would fail."""
 
-    def __init__(self, box_id: str, missing: tuple[str, ...]) -> None:
+    def __init__(self, hello: Hello, missing: tuple[str, ...]) -> None:
         super().__init__(f"HELLO: lead set lacks {', '.join(missing)} (a 12-lead ECG needs {', '.join(NEEDED_LEADS)})")
-        self.box_id = box_id
+        self.hello = hello  # as the box sent it: the firmware tool may still update such a box
+        self.box_id = hello.box_id
         self.missing = missing
 
 
@@ -219,11 +220,11 @@ class Hello:
         for what, value in (("box id", box_id), ("model", model), ("firmware version", fw)):
             if len(value) > MAX_NAME or not value.isprintable() or (what == "box id" and "\\" in value):
                 raise ProtocolError(f"HELLO: {what} {value[:MAX_NAME]!r} is not a printable name of at most {MAX_NAME} characters")
-        leads = tuple(ACQUIRED_LEADS[c] for c in codes)
-        missing = missing_leads(leads)
+        hello = cls(box_id, model, fw, rate, nv, tuple(ACQUIRED_LEADS[c] for c in codes), payload[0])
+        missing = missing_leads(hello.leads)
         if missing:
-            raise LeadSetRefused(box_id, missing)
-        return cls(box_id, model, fw, rate, nv, leads, payload[0])
+            raise LeadSetRefused(hello, missing)
+        return hello
 
 
 @dataclass(frozen=True)

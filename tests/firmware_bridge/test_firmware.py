@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from firmware_bridge.const import Msg, Nak
 from firmware_bridge.firmware import build_image
+from firmware_bridge.lines import PtyLine
+from firmware_bridge.protocol import NakMsg
+from firmware_bridge.simulator import SoftwareBox
 from tests.firmware_bridge.conftest import BoxThread
 
 
@@ -69,3 +74,36 @@ def test_not_a_firmware_image_is_refused_before_touching_the_box(tmp_path: Path,
     result = ecg_firmware(tmp_path, link, junk)
     assert result.returncode == 1 and "not a box firmware image" in result.stderr
     assert sim.box.fw_version == "1.0.0"
+
+
+def test_a_box_refused_for_its_lead_set_can_still_be_updated(tmp_path: Path, link: Path, image: Path, idle_box: Any) -> None:
+    """The bridge refuses its recordings; new firmware may be what fixes the lead set."""
+    sim = idle_box(leads=("V1", "V2", "V3", "V4", "V5", "V6"))
+    result = ecg_firmware(tmp_path, link, image)
+    assert result.returncode == 0, result.stderr
+    assert "box ECG-F: firmware 1.0.0 -> 2.0.0" in result.stdout and sim.box.fw_version == "2.0.0"
+
+
+class _RewindingBox(SoftwareBox):
+    """A hostile (or broken) box: every chunk is answered "start again from 0"."""
+
+    def _firmware(self, kind: int, seq: int, msg: object) -> None:
+        if kind == Msg.FW_CHUNK:
+            return self._send(Msg.NAK, NakMsg(kind, seq, Nak.BAD_OFFSET, 0).pack())
+        return super()._firmware(kind, seq, msg)
+
+
+def test_a_box_rewinding_for_ever_is_given_up_on_and_rolled_back(tmp_path: Path, link: Path, image: Path) -> None:
+    line = PtyLine(link)
+    sim = _RewindingBox(line, box_id="ECG-R")
+    thread = threading.Thread(target=sim.run, kwargs={"duration": 60}, daemon=True)
+    thread.start()
+    try:
+        result = ecg_firmware(tmp_path, link, image)  # before: the tool looped until killed
+    finally:
+        sim.stop()
+        thread.join(5)
+        line.close()
+    assert result.returncode == 1, result.stdout
+    assert "kept asking for chunks again" in result.stderr and "rolled back" in result.stderr
+    assert "Traceback" not in result.stderr and sim.fw_version == "1.0.0"

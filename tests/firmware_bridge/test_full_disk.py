@@ -234,6 +234,7 @@ def test_the_node_gives_the_bridge_the_same_make_room_as_the_dicom_service(tmp_p
         dicom, bridge = build_services(config, ["dicom", "bridge"])
     finally:
         database.close()
+    dicom = getattr(dicom, "dicom", dicom)  # edge.node wraps it to write its counters for other processes
     assert bridge.make_room is not None and bridge.make_room is dicom.make_room  # type: ignore[attr-defined]
 
 

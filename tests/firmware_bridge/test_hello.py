@@ -33,8 +33,8 @@ from firmware_bridge.protocol import (
     parse,
 )
 from firmware_bridge.session import BoxSession
-from tests.firmware_bridge.conftest import bridge_config, wait_until
-from tests.firmware_bridge.helpers import kept_recordings
+from tests.firmware_bridge.conftest import wait_until
+from tests.firmware_bridge.helpers import SessionBox, box_session, kept_recordings
 
 CHEST = ("V1", "V2", "V3", "V4", "V5", "V6")
 
@@ -87,49 +87,10 @@ def test_twelve_leads_refuses_missing_leads_with_its_own_error_never_a_key_error
 # --- a session, in process: what the box hears and what the log says -----------------------------
 
 
-class _Line:
-    """Stands in for the port's writer; the bridge's answers are parsed back as the box would."""
-
-    def __init__(self) -> None:
-        self.sent = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.sent += data
-
-    def heard(self) -> list[tuple[int, object]]:
-        frames = [f for f in FrameDecoder().feed(bytes(self.sent)) if f is not None]
-        self.sent.clear()
-        return [(f.type, parse(f)) for f in frames]
-
-
-class _Box:
-    """Feeds frames to a session as a box on its port would."""
-
-    def __init__(self, session: BoxSession) -> None:
-        self.session, self.seq = session, 0
-        self.line = _Line()
-        session._writer = self.line  # type: ignore[assignment]
-
-    def say(self, kind: Msg, payload: bytes) -> list[tuple[int, object]]:
-        self.seq += 1
-        asyncio.run(self.session._on_frame(Frame(1, kind, self.seq, payload)))
-        return self.line.heard()
-
-    def record(self, rec_id: int, n: int = 50, columns: int = 8) -> list[tuple[int, object]]:
-        self.say(Msg.REC_START, RecStart(rec_id, 500, n).pack())
-        self.say(Msg.SAMPLES, Samples(rec_id, 0, np.full((n, columns), 100, np.int16)).pack())
-        return self.say(Msg.REC_END, RecEnd(rec_id, n).pack())
-
-
-def _session(tmp_path: Path, store: Any) -> BoxSession:
-    config = bridge_config(tmp_path, tmp_path / "no-port")
-    return BoxSession("/dev/ttyECG0", config.bridge, store, "Test Clinic", "edge-test")
-
-
 def test_refused_hello_is_naked_with_the_missing_leads_once_in_the_log_and_a_good_hello_is_served(
     tmp_path: Path, store: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    box = _Box(_session(tmp_path, store))
+    box = SessionBox(box_session(tmp_path, store))
     caplog.set_level(logging.INFO, logger="firmware_bridge")
 
     [(kind, nak)] = box.say(Msg.HELLO, _hello(CHEST, box_id="ECG-NO-LIMB").pack())
@@ -160,7 +121,7 @@ def test_refused_hello_is_naked_with_the_missing_leads_once_in_the_log_and_a_goo
 
 
 def test_the_fuzzers_minimal_case_is_refused_at_hello(tmp_path: Path, store: Any, caplog: pytest.LogCaptureFixture) -> None:
-    box = _Box(_session(tmp_path, store))
+    box = SessionBox(box_session(tmp_path, store))
     [(_, nak)] = box.say(Msg.HELLO, Hello("0", "", "", 1, 1, leads=()).pack())
     assert (nak.reason, nak.arg) == (Nak.UNSUPPORTED, 0xFF)  # type: ignore[attr-defined]  # all eight missing
     box.say(Msg.REC_START, RecStart(0, 0, 0).pack())
@@ -173,8 +134,8 @@ def test_a_recording_that_lacks_leads_is_naked_unsupported_with_its_reason_never
     tmp_path: Path, store: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Should a lead set ever get past HELLO (a bridge bug), twelve_leads still cannot crash the box's retries."""
-    session = _session(tmp_path, store)
-    box = _Box(session)
+    session = box_session(tmp_path, store)
+    box = SessionBox(session)
     box.say(Msg.HELLO, _hello(box_id="ECG-BYPASS").pack())
     session.hello = dataclasses.replace(session.hello, leads=("I", "II"))  # type: ignore[arg-type]
     [(kind, nak)] = box.record(7, columns=2)
@@ -183,17 +144,6 @@ def test_a_recording_that_lacks_leads_is_naked_unsupported_with_its_reason_never
     assert row["state"] == "failed" and "V1, V2, V3, V4, V5, V6" in row["detail"]
     assert session.stats.not_kept == 0 and session.stats.refused_recordings == 1
     assert not any(r.exc_info for r in caplog.records)
-
-
-def test_a_flood_of_bad_messages_is_one_log_line(tmp_path: Path, store: Any, caplog: pytest.LogCaptureFixture) -> None:
-    session = _session(tmp_path, store)
-    box = _Box(session)
-    box.say(Msg.HELLO, _hello().pack())
-    caplog.set_level(logging.INFO, logger="firmware_bridge")
-    for _ in range(500):
-        box.say(Msg.STATUS, b"\x01")  # too short
-    assert session.stats.bad_messages == 500
-    assert len([r for r in caplog.records if "bad message" in r.getMessage()]) == 1
 
 
 # --- over a pty pair, with the software box ------------------------------------------------------
