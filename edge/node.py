@@ -126,7 +126,7 @@ def build_services(config: EdgeConfig, names: Sequence[str], node_names: Sequenc
 
                 def kept_here(kept: object) -> None:
                     wake_sync()
-                    writer.changed()
+                    writer.write()
 
                 services.append(_DicomWithMetricsFile(
                     DicomService(config, spool, on_kept=kept_here, make_room=make_room), writer))

@@ -365,3 +365,20 @@ def test_edge_run_under_systemd_says_ready_once_both_children_are_up(
         assert node.stop() == 0
         while not any("STOPPING=1" in m for m in messages):
             messages.append(sock.recv(4096).decode())
+
+
+def test_the_console_in_another_process_shows_the_dicom_services_counters(node_factory: Any, tmp_path: Path) -> None:
+    """C-STORE counters live in the DICOM process; /metrics in the console's process shows them (run/dicom.prom)."""
+    dicom: EdgeNode = node_factory(("serve", "dicom"), sync={"enabled": False})
+    dicom.start()
+    console = node_factory.another_service(dicom, ("serve", "console")).start()
+    image = tmp_path / "dx.dcm"
+    make_dx(image)
+    assert stored(storescu(dicom, image))
+
+    def kept_in_metrics() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{console.console_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return 'edge_dicom_cstore_total{result="kept"} 1.0' in text
+
+    assert wait_until(kept_in_metrics, 30, "the kept C-STORE on the console's /metrics")
