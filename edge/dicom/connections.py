@@ -57,6 +57,8 @@ class Slot:
     last_pdu_at: float = 0.0
     evicted: bool = False  # closed to make room for a modality
     timed_out: bool = False  # closed because a PDU missed its deadline
+    gone: bool = False  # the connection is over (closed, reset or cut short)
+    ending: bool = False  # released, aborted or rejected: closing, its thread about to end
     ae_title: str = ""
 
     def __post_init__(self) -> None:
@@ -65,6 +67,12 @@ class Slot:
     @property
     def peer(self) -> str:
         return f"{self.address}:{self.port}"
+
+    @property
+    def live(self) -> bool:
+        """Counts against the limits. A connection that is over or closing does not, though its
+        thread may take a moment to end: the DR's next association must not wait for that."""
+        return not (self.evicted or self.gone or self.ending)
 
     @property
     def closed_by_us(self) -> bool:
@@ -91,6 +99,14 @@ class SlotTable:
         self.on_change = on_change
         self._slots: set[Slot] = set()
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        # Every connection with a thread, live or ending; pynetdicom refuses past its own
+        # maximum_associations, which the service sets to this.
+        self.hard_limit = self.hard_limit_for(max_total)
+
+    @staticmethod
+    def hard_limit_for(max_total: int) -> int:
+        return 2 * max_total + 2
 
     @property
     def _kept_for_modalities(self) -> int:
@@ -100,9 +116,13 @@ class SlotTable:
         """A slot for this connection, or why not (in the clinic's words, for the log)."""
         stranger = not self.directory.is_modality_address(address)
         with self._lock:
-            live = [s for s in self._slots if not s.evicted]
+            live = [s for s in self._slots if s.live]
+            if len(self._slots) >= self.hard_limit:  # threads still ending: pynetdicom's own limit
+                return f"{len(self._slots)} connections still closing"
             if stranger:
-                if sum(1 for s in live if s.address == address) >= self.per_host:
+                # One more than the share while the request has not arrived: the peer's last
+                # connection may be closing this very moment. confirm() holds it to the share.
+                if sum(1 for s in live if s.address == address) >= self.per_host + 1:
                     return f"{self.per_host} association(s) already open from this address (max_associations_per_host)"
                 if len(live) >= self.max_total:
                     return f"all {self.max_total} associations in use"
@@ -118,32 +138,51 @@ class SlotTable:
         self._changed()
         return slot
 
-    def reclassify(self, slot: Slot, is_modality: bool) -> bool:
-        """Once the AE title is known: a modality's address calling with another AE is a stranger.
+    def confirm(self, slot: Slot, is_modality: bool, wait_s: float = 1.0) -> bool:
+        """When the A-ASSOCIATE-RQ has arrived (AE title known): may it have its association?
 
-        False when, as a stranger, it would be over the strangers' share: refuse it then.
+        A modality's address calling with another AE title is a stranger. A stranger over its
+        share waits up to ``wait_s`` (in its own thread) for one of its earlier connections
+        to finish closing; False: refuse it.
         """
-        if slot.stranger or is_modality:
+        if not slot.stranger and is_modality:
             return True
-        with self._lock:
-            others = [s for s in self._slots if not s.evicted and s is not slot]
+        deadline = time.monotonic() + wait_s
+        with self._freed:
             slot.stranger = True
-            fits = (sum(1 for s in others if s.address == slot.address and s.stranger) < self.per_host
-                    and sum(1 for s in others if s.stranger) < self.max_total - self._kept_for_modalities)
+            while True:
+                others = [s for s in self._slots if s.live and s is not slot and s.stranger]
+                if (sum(1 for s in others if s.address == slot.address) < self.per_host
+                        and len(others) < self.max_total - self._kept_for_modalities):
+                    fits = True
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    fits = False
+                    break
+                self._freed.wait(remaining)
         self._changed()
         return fits
 
     def release(self, slot: Slot) -> None:
-        """Give the slot back (again is harmless: the connection's end and its thread's end both do)."""
-        with self._lock:
+        """Give the slot back when the association's thread ends (again is harmless)."""
+        with self._freed:
             if slot not in self._slots:
                 return
             self._slots.discard(slot)
+            self._freed.notify_all()
+        self._changed()
+
+    def ending(self, slot: Slot) -> None:
+        """The association is over (released, aborted, rejected, connection closed): it no longer counts."""
+        with self._freed:
+            slot.ending = True
+            self._freed.notify_all()
         self._changed()
 
     def counts(self) -> SlotCounts:
         with self._lock:
-            live = [s for s in self._slots if not s.evicted]
+            live = [s for s in self._slots if s.live]
             strangers = sum(1 for s in live if s.stranger)
             accepting = len(live) < self.max_total or (
                 self.directory.configured and self._idlest_stranger(live) is not None
@@ -243,8 +282,9 @@ class PduReader:
                 self.slot.last_pdu_at = time.monotonic()
         else:
             _cut_short.active = self.slot.closed_by_us
-            # The connection is over: its slot is free now, not when pynetdicom's thread has
-            # wound down (a peer that closes before associating kept it for the ACSE timeout).
+            # The connection is over: its slot counts no more, even before pynetdicom's thread
+            # has wound down (a peer that closes before associating kept it for the ACSE timeout).
+            self.slot.gone = True
             self.on_closed(self.slot)
         return data
 
@@ -383,9 +423,19 @@ class SlotRequestHandler(RequestHandler):
         if slot is None or sock is None:
             return assoc
         assoc._edge_slot = slot  # type: ignore[attr-defined]
-        sock.recv = PduReader(sock, slot, server.first_pdu_s, server.pdu_s, server.slots.release)  # type: ignore[method-assign]
+        sock.recv = PduReader(sock, slot, server.first_pdu_s, server.pdu_s, server.slots.ending)  # type: ignore[method-assign]
         with contextlib.suppress(OSError):  # our answers go out as written, not held for an ACK
             cast(socket.socket, sock.socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        state_machine = assoc.dul.state_machine
+        transition = state_machine.transition
+
+        def transition_and_stop_counting(state: str) -> None:
+            transition(state)
+            if state == "Sta1":  # idle again: whichever way it ended (close, reset, abort), the connection is over
+                slot.gone = True
+                server.slots.ending(slot)
+
+        state_machine.transition = transition_and_stop_counting  # type: ignore[method-assign]
         run = assoc.run
 
         def run_then_free_the_slot() -> None:
@@ -395,4 +445,26 @@ class SlotRequestHandler(RequestHandler):
                 server.slots.release(slot)
 
         assoc.run = run_then_free_the_slot  # type: ignore[method-assign]
+        _stop_waiting_when_gone(assoc, slot)
         return assoc
+
+
+def _stop_waiting_when_gone(assoc: Association, slot: Slot) -> None:
+    """The association thread waits up to the ACSE timeout for the A-ASSOCIATE-RQ, even after the
+    peer has closed: end that wait when the connection is over, so a peer that connects and
+    hangs up in a loop leaves no pile of waiting threads behind (pynetdicom counts them all)."""
+    dul = assoc.dul
+    receive_pdu = dul.receive_pdu
+
+    def first_receive(wait: bool = False, timeout: float | None = None) -> Any:
+        dul.receive_pdu = receive_pdu  # type: ignore[method-assign]  # only the first wait
+        if not wait or timeout is None:
+            return receive_pdu(wait, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            primitive = receive_pdu(wait=True, timeout=max(0.0, min(0.1, remaining)))
+            if primitive is not None or slot.gone or remaining <= 0:
+                return primitive
+
+    dul.receive_pdu = first_receive  # type: ignore[method-assign]

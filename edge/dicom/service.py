@@ -108,7 +108,7 @@ class DicomService:
         ae.maximum_pdu_size = cfg.max_pdu_bytes
         # The slots are counted at TCP accept (edge.dicom.connections); pynetdicom's own count
         # also sees threads that are just ending, so its limit is only a backstop.
-        ae.maximum_associations = 2 * cfg.max_associations
+        ae.maximum_associations = SlotTable.hard_limit_for(cfg.max_associations)
         ae.network_timeout = cfg.network_timeout_s
         # A connection that never completes an association (a port scan, a broken PDU) holds
         # a slot until the ACSE (ARTIM) timer fires, even after the peer has gone: keep it short.
@@ -137,6 +137,7 @@ class DicomService:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_ending),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         ae = self._make_ae()
@@ -202,13 +203,14 @@ class DicomService:
         if slot is None:
             return
         slot.ae_title = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # not yet in requestor.ae_title
-        if self.slots.reclassify(slot, self.modalities.is_modality(slot.ae_title, slot.address)):
+        if self.slots.confirm(slot, self.modalities.is_modality(slot.ae_title, slot.address)):
             return
         if self._server is not None:
             self._server.refusals.refused(
-                slot.peer, f"calls as {slot.ae_title}, no modality's AE title, and strangers hold their share of associations")
+                slot.peer, f"{slot.ae_title} is no configured modality at this address, and such peers hold "
+                "their share of associations (max_associations_per_host, or all but the modalities' one)")
         slot.evicted = True  # logged: no second line when pynetdicom closes it
-        self.slots.release(slot)
+        self.slots.ending(slot)
         event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local-limit-exceeded
         event.assoc.kill()  # as pynetdicom's own rejection does: until the RJ is out and the peer has gone
 
@@ -227,7 +229,14 @@ class DicomService:
         if rejected:
             log.debug("dicom: SOP classes refused for %s: %s", _calling(event), " ".join(rejected))
 
+    def _on_ending(self, event: Any) -> None:
+        """Released, aborted or rejected: the DR's next association must not wait for this thread to end."""
+        slot = slot_of(event.assoc)
+        if slot is not None:
+            self.slots.ending(slot)
+
     def _on_rejected(self, event: Any) -> None:
+        self._on_ending(event)
         metrics.ASSOCIATIONS_REJECTED.inc()
         answer = event.assoc.acceptor.primitive
         too_many = answer is not None and answer.result_source == 0x03
@@ -240,6 +249,7 @@ class DicomService:
         )
 
     def _on_aborted(self, event: Any) -> None:
+        self._on_ending(event)
         slot = slot_of(event.assoc)
         if slot is not None and slot.closed_by_us:
             return  # its line, with the reason, is already in the log

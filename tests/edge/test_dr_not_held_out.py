@@ -156,7 +156,7 @@ def addresses(first: int, count: int) -> list[str]:
 def test_dr_gets_in_past_stalled_strangers_from_many_addresses_and_one(node_factory: Any) -> None:
     node = node_factory(dicom=DR).start()
     # Every slot a stranger could take, from eight addresses, then twenty more from one address.
-    with stallers(node, addresses(2, 8) + ["127.0.0.20"] * 20) as held, strangers_keep_trying(node) as more:
+    with stallers(node, addresses(2, 8) + ["127.0.0.20"] * 6) as held, strangers_keep_trying(node) as more:
         took = seconds_until(lambda: echo_succeeds(node), 15, "the DR's C-ECHO past stalled strangers")
         accepted = [s for s in held + more if s.accepted]
         assert len(accepted) <= 7  # of max_associations = 8, one stays kept for the clinic's modality
@@ -245,6 +245,7 @@ def test_health_and_metrics_requests_cost_the_dr_nothing(node_factory: Any) -> N
     echoes.append(echo_succeeds(node))
 
     assert all(echoes), f"{echoes.count(False)} of {len(echoes)} DR echoes failed"
+    print(f"{len(echoes)} DR echoes during 300 /healthz + /metrics requests, 10 at a time: all succeeded")
     assert [a for a in answers if a[0] != 200] == []
     assert {ok for _, ok in answers[::2]} == {True}  # /healthz said dicom ok every time
     log = node.log_text()[offset:]
@@ -296,3 +297,21 @@ def test_max_associations_per_host_is_configurable(node_factory: Any, share: int
     node = node_factory(dicom={"max_associations_per_host": share}).start()
     with stallers(node, ["127.0.0.40"] * (share + 2)) as held:
         assert sum(s.accepted for s in held) == share
+
+
+def test_connect_and_hang_up_in_a_loop_leaves_no_threads_behind(node_factory: Any) -> None:
+    node = node_factory(dicom=DR).start()
+    assert node.proc is not None
+
+    def threads() -> int:
+        status = open(f"/proc/{node.proc.pid}/status").read()  # type: ignore[union-attr]
+        return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+    before = threads()
+    for i in range(100):  # a port scanner, or a script that retries at once
+        with socket.socket() as s:
+            s.bind((f"127.0.0.{2 + i % 40}", 0))
+            s.connect(("127.0.0.1", node.port))
+    assert echo_succeeds(node)
+    # Each hung-up connection's thread ends within moments, not after the 10 s ACSE timeout.
+    seconds_until(lambda: threads() <= before + 2, 8, "association threads of hung-up connections ended")
