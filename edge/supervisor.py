@@ -6,7 +6,9 @@ would stop C-STORE the same way. So `edge run` is a small supervisor (it imports
 the services) of:
 
 - **ingest**: ``edge serve dicom bridge`` (the DR's C-STOREs and the ECG boxes), first;
-- **web**: ``edge serve sync kiosk console ops``, once ingest is up.
+- **web**: ``edge serve sync kiosk console ops``, once ingest is up. Sync goes here, not
+  with ingest: decoding and compressing for upload are the node's largest memory spikes,
+  and an OOM kill there must not take the DICOM service with it.
 
 Each child is an ordinary ``edge serve`` speaking sd_notify(3) to a socket of ours: its
 ``READY=1`` says it is up, its ``WATCHDOG=1`` pings say its event loop turns. The
@@ -242,7 +244,6 @@ async def supervise(config_path: Path, node_id: str) -> int:
     children = [_Child(label, names, config_path.resolve(), watchdog_s) for label, names in RUN_GROUPS]
     started: list[_Child] = []
     tasks: list[asyncio.Task[None]] = []
-    status = 0
     try:
         for child in children:
             started.append(child)
@@ -266,7 +267,7 @@ async def supervise(config_path: Path, node_id: str) -> int:
             await child.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    return status
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
