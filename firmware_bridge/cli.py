@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge.ops.terminal import printable
 from firmware_bridge.simulator import INJECTIONS
 
 
@@ -66,7 +67,11 @@ def _lead_set(text: str) -> tuple[str, ...]:
 
 
 def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from edge.ops.terminal import TerminalFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def cmd_ecg_sim(config: Any, args: argparse.Namespace) -> int:
@@ -79,7 +84,7 @@ def cmd_ecg_sim(config: Any, args: argparse.Namespace) -> int:
     try:
         line = PtyLine(Path(args.port)) if args.pty else SerialLine(args.port, args.baud)
     except (OSError, serial.SerialException) as exc:
-        print(f"edge ecg-sim: cannot open {args.port}: {exc}", file=sys.stderr)
+        print(f"edge ecg-sim: cannot open {printable(args.port)}: {printable(exc)}", file=sys.stderr)
         return 1
     box = SoftwareBox(
         line, args.box_id, args.heart_rate, sample_rate=args.sample_rate, fw_version=args.fw_version,
@@ -112,8 +117,9 @@ def cmd_ecg_arm(config: Any, args: argparse.Namespace) -> int:
     from firmware_bridge.boxes import arm_box, disarm_box
 
     open_database(config.data_dir)
+    box = printable(args.box_id)  # ids and names are often pasted: what they carry stays off the terminal
     if args.clear:
-        print(f"box {args.box_id} disarmed" if disarm_box(args.box_id) else f"box {args.box_id} was not armed")
+        print(f"box {box} disarmed" if disarm_box(args.box_id) else f"box {box} was not armed")
         return 0
     if not args.patient_id:
         print("edge ecg-arm: --patient-id is needed (or --clear)", file=sys.stderr)
@@ -122,8 +128,8 @@ def cmd_ecg_arm(config: Any, args: argparse.Namespace) -> int:
         print("edge ecg-arm: accession is at most 16 characters, patient id and name at most 64", file=sys.stderr)
         return 2
     arm_box(args.box_id, args.patient_id, args.patient_name, args.accession)
-    print(f"box {args.box_id} armed: its next recording is for patient {args.patient_id}"
-          + (f", accession {args.accession}" if args.accession else ""))
+    print(f"box {box} armed: its next recording is for patient {printable(args.patient_id)}"
+          + (f", accession {printable(args.accession)}" if args.accession else ""))
     return 0
 
 
@@ -134,13 +140,14 @@ def cmd_ecg_firmware(config: Any, args: argparse.Namespace) -> int:
     try:
         image = args.image.read_bytes()
     except OSError as exc:
-        print(f"edge ecg-firmware: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+        print(f"edge ecg-firmware: cannot read {printable(args.image)}: {printable(exc.strerror)}", file=sys.stderr)
         return 2
     try:
         result = update_firmware(args.port, image, args.baud or config.bridge.baud)
     except FirmwareError as exc:
-        print(f"edge ecg-firmware: {exc}", file=sys.stderr)
+        print(f"edge ecg-firmware: {printable(exc)}", file=sys.stderr)
         return 1
-    print(f"box {result.box_id}: firmware {result.old_version} -> {result.new_version}"
+    # The box names itself and the image names its version: neither is ours to print raw.
+    print(f"box {printable(result.box_id)}: firmware {printable(result.old_version)} -> {printable(result.new_version)}"
           + (f" ({result.resent_chunks} chunk(s) sent again)" if result.resent_chunks else ""))
     return 0

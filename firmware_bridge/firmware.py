@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import serial
 
+from edge.ops.terminal import printable
 from firmware_bridge.const import FW_CHUNK, Msg, Nak
 from firmware_bridge.protocol import (
     Ack,
@@ -52,7 +53,10 @@ def image_version(image: bytes) -> str:
     """The firmware version an image carries; raises FirmwareError if it is not an image."""
     if len(image) < 6 or image[:4] != IMAGE_MAGIC or image[4] != 1 or len(image) < 6 + image[5]:
         raise FirmwareError("not a box firmware image (no CEFW header)")
-    return image[6 : 6 + image[5]].decode("ascii", "replace")
+    version = image[6 : 6 + image[5]].decode("ascii", "replace")
+    if not version.isprintable():  # the box would announce it in HELLO, and the bridge would refuse the box
+        raise FirmwareError(f"image version {printable(version)} is not a printable name; the box is left as it is")
+    return version
 
 
 @dataclass

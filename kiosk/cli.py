@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.config import EdgeConfig
+from edge.ops.terminal import printable
 
 
 def _open_store(config: EdgeConfig) -> None:
@@ -24,7 +25,7 @@ def cmd_allow_reprint(config: EdgeConfig, args: argparse.Namespace) -> int:
     try:
         extra = allow_reprint(args.code, by=args.by, count=args.count)
     except LookupError as exc:
-        print(f"edge kiosk allow-reprint: {exc}", file=sys.stderr)
+        print(f"edge kiosk allow-reprint: {printable(exc)}", file=sys.stderr)
         return 1
     print(f"allowed: the patient can print {args.count} more time(s) ({extra} beyond the limit of "
           f"{config.kiosk.print_limit} in all); the code is unlocked")
@@ -40,14 +41,14 @@ def cmd_issue_ticket(config: EdgeConfig, args: argparse.Namespace) -> int:
         ticket = issue_ticket(args.accession, args.name, args.exam, pin_digits=config.kiosk.pin_digits,
                               valid_days=config.kiosk.ticket_valid_days)
     except ValueError as exc:
-        print(f"edge kiosk issue-ticket: {exc}", file=sys.stderr)
+        print(f"edge kiosk issue-ticket: {printable(exc)}", file=sys.stderr)
         return 2
     if args.slip:
         pdf = render_slip(ticket.code, ticket.pin, config.node.name, config.kiosk.collect_at, ticket.expires_at,
                           args.lang)
         Path(args.slip).write_bytes(pdf)
     print(json.dumps({"code": ticket.code, "pin": ticket.pin, "expires_at": ticket.expires_at.isoformat() + "Z"})
-          if args.json else f"code {ticket.code}  PIN {ticket.pin}" + (f"  slip {args.slip}" if args.slip else ""))
+          if args.json else f"code {ticket.code}  PIN {ticket.pin}" + (f"  slip {printable(args.slip)}" if args.slip else ""))
     return 0
 
 
@@ -67,9 +68,10 @@ def cmd_audit(config: EdgeConfig, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    p = printable  # a code, client or detail can be what a stranger typed at the kiosk or a printer answered
     for r in rows:
-        print(f"{r['at']}  {r['action']:15}  {r['outcome']:19}  {r['code'] or '-':10}  {r['client'] or '-':15}  "
-              f"{r['job']} {r['detail']}".rstrip())
+        print(f"{p(r['at'])}  {p(r['action']):15}  {p(r['outcome']):19}  {p(r['code'] or '-'):10}  "
+              f"{p(r['client'] or '-'):15}  {p(r['job'])} {p(r['detail'])}".rstrip())
     return 0
 
 

@@ -10,6 +10,7 @@ control codes in ``edge`` output are the ones the command put there itself.
 
 from __future__ import annotations
 
+import logging
 import re
 
 # C0 controls (tab and newline too: a value never breaks the CLI's own lines), DEL, C1
@@ -22,3 +23,14 @@ REPLACEMENT = "?"
 def printable(value: object) -> str:
     """``str(value)`` with every control character replaced by ``?``; safe for a terminal."""
     return _UNPRINTABLE.sub(REPLACEMENT, value if isinstance(value, str) else str(value))
+
+
+class TerminalFormatter(logging.Formatter):
+    """Log lines on a technician's terminal quote boxes and images too: each line goes through :func:`printable`.
+
+    For entry points that log to stderr (``edge ecg-firmware``, ``edge ecg-sim``); a traceback
+    keeps its own line breaks, every other control code is replaced.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
