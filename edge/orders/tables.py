@@ -79,9 +79,9 @@ class Audit(StoreModel):
 ORDER_TABLES = [Visit, Order, StudyMatch, Audit]
 
 
-def audit(user: str, action: str, order: Order | None = None, detail: str = "", client: str = "") -> None:
+def audit(user: str, action: str, order: Order | None = None, detail: str = "", client: str = "") -> Audit:
     """Append an audit row; call inside a write transaction."""
-    Audit.create(
+    return Audit.create(
         user=user[:64], action=action[:32], order=order, detail=detail[:500], client=client[:64],
         accession_number=order.accession_number if order is not None else "",
     )

@@ -15,10 +15,14 @@ accession follow DICOM matching (``*`` and ``?`` wildcards; empty matches all).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
@@ -26,8 +30,12 @@ from pydicom.sequence import Sequence
 from pynetdicom.dsutils import encode
 
 from edge.dicom.identifier import MalformedIdentifier
-from edge.orders.tables import Order, Visit, audit
+from edge.orders.tables import Audit, Order, Visit, audit
 from edge.store.db import write_transaction
+from edge.store.models import utcnow
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
 
 STATUS_PENDING = 0xFF00
 STATUS_BAD_IDENTIFIER = 0xA900
@@ -310,11 +318,125 @@ def answer(read_identifier: Callable[[], Dataset], today: dt.date | None = None,
         yield STATUS_PENDING, cached_dataset(item, implicit_vr, deflated)
 
 
+REFUSALS_WINDOW_S = 60.0  # at most one refused-query row per (calling AE, address) in this long
+REFUSALS_FLUSH_S = 5.0  # a repeat's count reaches its row within this long, in one UPDATE for all of them
+REFUSALS_AE_PER_ADDRESS = 4  # more AE titles than this from one address in a window share one row
+SEVERAL_AE_TITLES = "(several AE titles)"
+
+
+@dataclass
+class _Run:
+    """Refused queries from one (calling AE, address) within one window, and what its row says so far."""
+
+    row_id: int
+    started: float  # monotonic
+    first_at: dt.datetime
+    last_at: dt.datetime
+    outcome: str
+    count: int = 1
+    written: int = 1
+    flush_pending: bool = False
+
+
+class RefusedQueries:
+    """Coalesces refused worklist queries: one audit row per (calling AE, address) per window, with a count.
+
+    A stranger looping refused C-FINDs wrote one row and one fsync per query: the console's
+    audit page (newest 300) filled with them in seconds and every write queued beside the DR's
+    C-STOREs for the store's one writer. Now the first refusal of a window writes its row at
+    once; repeats are counted in memory and written to that row in one UPDATE at most every
+    ``flush_s`` (a timer, so the count is right even when the stranger stops). The next
+    window opens a new row. Thread-safe: association threads and the flush timers share one
+    lock, held across the short write so a row's count only ever grows. In-process state: a
+    node stopped mid-window loses at most ``flush_s`` of repeats from the count, never a row.
+    """
+
+    def __init__(self, window_s: float = REFUSALS_WINDOW_S, flush_s: float = REFUSALS_FLUSH_S,
+                 ae_per_address: int = REFUSALS_AE_PER_ADDRESS,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], dt.datetime] = utcnow,
+                 timer: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
+        self.window_s, self.flush_s, self.ae_per_address = window_s, flush_s, ae_per_address
+        self._clock, self._wall = clock, wall
+        self._timer = timer or _daemon_timer
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[str, str], _Run] = {}
+
+    def record(self, calling_ae: str, address: str, outcome: str) -> None:
+        """Count one refused query; writes a new row only when this key has none open."""
+        with self._lock:
+            now = self._clock()
+            self._forget_closed(now)
+            key = self._key(calling_ae, address, now)
+            run = self._runs.get(key)
+            if run is not None and now - run.started < self.window_s:
+                run.count, run.last_at, run.outcome = run.count + 1, self._wall(), outcome
+                if not run.flush_pending:
+                    run.flush_pending = True
+                    self._timer(self.flush_s, lambda: self._flush(key, run))
+                return
+            if run is not None:
+                self._write(run)  # the old window's last repeats, before its successor's row
+            at = self._wall()
+            with write_transaction():
+                row = audit(key[0], "worklist_refused", detail=outcome, client=address)
+            self._runs[key] = _Run(int(row.id), now, at, at, outcome)
+
+    def _key(self, calling_ae: str, address: str, now: float) -> tuple[str, str]:
+        """(AE, address), or (several, address) once one address has used up its AE titles: rotating titles is no way round."""
+        key = (calling_ae or "?", address)
+        if key in self._runs:
+            return key
+        open_here = sum(1 for (ae, addr), r in self._runs.items()
+                        if addr == address and ae != SEVERAL_AE_TITLES and now - r.started < self.window_s)
+        return (SEVERAL_AE_TITLES, address) if open_here >= self.ae_per_address else key
+
+    def _forget_closed(self, now: float) -> None:
+        """Drop runs whose window is over and whose count is written: memory stays bounded by the live keys."""
+        if len(self._runs) < 64:
+            return
+        for key in [k for k, r in self._runs.items() if now - r.started >= self.window_s and r.written == r.count]:
+            del self._runs[key]
+
+    def _flush(self, key: tuple[str, str], run: _Run) -> None:
+        try:
+            with self._lock:
+                run.flush_pending = False
+                self._write(run)
+        except Exception as exc:  # a full disk: the row keeps its last count, the DR's queries are unaffected
+            log.error("worklist: could not update the refused-query count of %s (%s): %s", key[0], key[1], exc)
+
+    def _write(self, run: _Run) -> None:
+        """The run's row, brought up to its count (caller holds the lock)."""
+        if run.written == run.count:
+            return
+        detail = (f"{run.outcome} — {run.count} times, {run.first_at:%H:%M:%S} to {run.last_at:%H:%M:%S}")[:500]
+        with write_transaction():
+            Audit.update(detail=detail).where(Audit.id == run.row_id).execute()
+        run.written = run.count
+
+
+def _daemon_timer(delay: float, call: Callable[[], None]) -> threading.Timer:
+    timer = threading.Timer(delay, call)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+_refused = RefusedQueries()
+
+
 def audit_query(calling_ae: str, address: str, outcome: str, refused: bool = False) -> None:
-    """One row in the console's audit per worklist query: who asked, from where, what they got.
+    """A row in the console's audit for a worklist query: who asked, from where, what they got.
 
     Runs on the association thread, through the store's one writer. ``outcome`` never holds
-    the query's keys (they can be a patient's name).
+    the query's keys (they can be a patient's name). Every answered query is its own row: an
+    answer handed patient data to a modality, and each hand-over is worth its line. Refused
+    ones are coalesced per (calling AE, address) and minute (:class:`RefusedQueries`): a
+    stranger's loop is one row with a count, not the page.
     """
+    if refused:
+        _refused.record(calling_ae, address, outcome)
+        return
     with write_transaction():
-        audit(calling_ae or "?", "worklist_refused" if refused else "worklist", detail=outcome, client=address)
+        audit(calling_ae or "?", "worklist", detail=outcome, client=address)
