@@ -15,6 +15,21 @@ of ``edge.dicom.service`` and covered by a test that fails if a pynetdicom upgra
   (TCP_NODELAY): DCMTK's split header/body writes otherwise wait ~40 ms for a delayed ACK.
   Every ingest test reads through it; test_bad_input.py sends it broken PDUs and absurd
   lengths, tests/edge/test_dr_not_held_out.py stalls it.
+- ``connections``, a thread that raises: ``Association.run`` and ``DULServiceProvider.run``
+  (an instance's attributes, the DUL's ``Thread.run``) are wrapped so that any exception in
+  either (``InvalidEventError`` in the state machine, ``ValueError`` making an A-ASSOCIATE
+  request of an even context id, ``IndexError`` negotiating a context without transfer
+  syntax) ends the association with an A-ASSOCIATE-RJ or A-ABORT, a close, the slot given
+  back and one warning line; it sets ``Association._kill``, ``is_aborted``/``is_rejected``
+  and ``StateMachine.transition`` and fires ``EVT_CONN_CLOSE`` as pynetdicom's own close
+  does (tests/fuzz/test_pdu_fuzz.py: ``test_pipelined_p_data_for_an_unproposed_context_gives_its_slot_back``,
+  ``test_requests_pynetdicom_cannot_take_end_cleanly_in_one_line``).
+- ``connections``, logging filters on pynetdicom's loggers (they match its message texts):
+  the traceback it logs for every PDU it cannot decode becomes one line with the peer, its
+  "Unknown PDU type" line once per connection, the state machine's lines before it
+  re-raises are left to the wrapper above, and at most ``LINES_PER_CONNECTION`` lines per
+  connection thread, control characters replaced (``test_an_undecodable_pdu_is_one_line_without_traceback``;
+  the PDU fuzz campaign counts log bytes per conversation).
 - ``find_responses``: worklist answers encoded once per item, and the pending C-FIND-RSP
   command set encoded once per query (tests/edge/test_find_responses.py holds the bytes
   to pynetdicom's own encoder and decoder).

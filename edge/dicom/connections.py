@@ -15,6 +15,12 @@ The clinic LAN is shared, so a stranger must not be able to hold the DR out:
   PDU that stopped half-way, so the abort never came and the slot was never freed.
 - A refused stranger gets an A-ASSOCIATE-RJ (transient, local limit exceeded) and a close;
   refusals are logged at most once per ``REFUSAL_LOG_EVERY_S``.
+- A peer's bytes can drive pynetdicom into an exception its threads do not catch (an event
+  its state machine has no transition for, an A-ASSOCIATE-RQ it decodes but cannot turn into
+  a request, a presentation context without a transfer syntax). Either thread of an
+  association (DUL reactor or association) that raises ends it here (``_end_broken``): an
+  A-ASSOCIATE-RJ while negotiating, else an A-ABORT, the connection closed, the slot given
+  back, one warning line with the peer's address and no traceback.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from edge.dicom.modalities import ModalityDirectory
+from edge.ops.terminal import printable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,10 @@ EVICT_IDLE_S = 5.0
 REFUSAL_LOG_EVERY_S = 10.0
 # A-ASSOCIATE-RJ: rejected-transient (2), DUL service-provider presentation related (3), local-limit-exceeded (2).
 _ASSOCIATE_RJ_LOCAL_LIMIT = struct.pack(">BBIBBBB", 0x03, 0x00, 4, 0x00, 0x02, 0x03, 0x02)
+# A-ASSOCIATE-RJ: rejected-permanent (1), DUL service-user (1), no-reason-given (1): a request pynetdicom cannot negotiate.
+_ASSOCIATE_RJ_BROKEN = struct.pack(">BBIBBBB", 0x03, 0x00, 4, 0x00, 0x01, 0x01, 0x01)
+# A-ABORT: source DUL service-provider (2), reason not specified (0).
+_ABORT = struct.pack(">BBIBBBB", 0x07, 0x00, 4, 0x00, 0x00, 0x02, 0x00)
 _PDU_TYPES = range(0x01, 0x08)
 
 
@@ -59,6 +71,7 @@ class Slot:
     timed_out: bool = False  # closed because a PDU missed its deadline
     gone: bool = False  # the connection is over (closed, reset or cut short)
     ending: bool = False  # released, aborted or rejected: closing, its thread about to end
+    broken: bool = False  # a pynetdicom thread raised on the peer's bytes: ended by _end_broken
     ae_title: str = ""
 
     def __post_init__(self) -> None:
@@ -77,7 +90,7 @@ class Slot:
     @property
     def closed_by_us(self) -> bool:
         """Already logged with its reason: pynetdicom's abort that follows needs no line of its own."""
-        return self.evicted or self.timed_out
+        return self.evicted or self.timed_out or self.broken
 
 
 @dataclass(frozen=True)
@@ -347,8 +360,122 @@ class _QuietAfterOurClose(logging.Filter):
         return message != "Network timeout reached"  # DicomService._on_aborted says it, with the peer
 
 
+# The association a thread serves, for log lines pynetdicom writes without the peer's address.
+_thread_slot = threading.local()
+# pynetdicom's line before the traceback it logs for a PDU it could not read; our one line says it.
+_BEFORE_TRACEBACK = {
+    "Unable to decode the received PDU data": "a PDU that could not be decoded",
+    "Connection closed before the entire PDU was received": "a PDU cut short",
+}
+_LONGEST_DETAIL = 200
+LINES_PER_CONNECTION = 10  # from pynetdicom and pydicom, per connection thread; more are counted, not written
+
+
+def short_exception(exc: BaseException | None) -> str:
+    """``Type: text`` on one line, bounded: the peer chooses what goes into the text."""
+    if exc is None:
+        return "?"
+    text = printable(" ".join(str(exc).split()))
+    text = text if len(text) <= _LONGEST_DETAIL else text[:_LONGEST_DETAIL] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _thread_peer() -> str:
+    slot = cast(Slot | None, getattr(_thread_slot, "slot", None))
+    return slot.peer if slot is not None else "a peer"
+
+
+def _as_warning(record: logging.LogRecord, msg: str, *args: object) -> None:
+    record.msg, record.args = msg, args
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+
+
+class _OneLineForUndecodable(logging.Filter):
+    """pynetdicom logs a full traceback for every PDU it cannot decode (and then aborts, which is
+    right): a stranger sending garbage in a loop would fill the SD card. One warning line
+    instead, with the peer's address; the line pynetdicom writes before it is folded in. After
+    a PDU of unknown type pynetdicom reads the rest of the stream six bytes at a time, each an
+    "unknown PDU type" line: the first is said, the rest of that connection's are not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None:
+            if not isinstance(record.msg, str):
+                return True
+            if record.msg.startswith("Unknown PDU type received"):
+                if getattr(_thread_slot, "unknown_type_said", False):
+                    return False
+                _thread_slot.unknown_type_said = True
+                _as_warning(record, "dicom: %s from %s: pynetdicom aborts the association",
+                            record.msg.replace("Unknown PDU type received", "a PDU of unknown type"), _thread_peer())
+                return True
+            what = _BEFORE_TRACEBACK.get(record.msg)
+            if what is None:
+                return True
+            _thread_slot.pending = what
+            return False
+        what = getattr(_thread_slot, "pending", None) or "a value that could not be decoded"
+        _thread_slot.pending = None
+        _as_warning(record, "dicom: %s from %s (%s): pynetdicom ends the association",
+                    what, _thread_peer(), short_exception(record.exc_info[1]))
+        return True
+
+
+class _LinesPerConnection(logging.Filter):
+    """At most ``LINES_PER_CONNECTION`` lines from pynetdicom and pydicom per connection thread
+    (a PDU can carry hundreds of bad UIDs, each a warning); the rest are counted and said in
+    one line when the thread ends (``_say_left_out``). Control characters from the peer's
+    bytes (a NUL-padded AE title) are replaced: the log stays text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_thread_slot, "slot", None) is None:
+            return True  # not a connection's thread
+        _thread_slot.lines = getattr(_thread_slot, "lines", 0) + 1
+        if _thread_slot.lines <= LINES_PER_CONNECTION:
+            with contextlib.suppress(Exception):  # the peer's bytes (AE titles, UIDs) end up in these lines
+                record.msg, record.args = printable(record.getMessage()), None
+            return True
+        _thread_slot.left_out = getattr(_thread_slot, "left_out", 0) + 1
+        return False
+
+
+def _serve_connection(slot: Slot) -> None:
+    """This thread serves the connection ``slot``: its lines name the peer, and are budgeted."""
+    _thread_slot.slot = slot
+    _thread_slot.lines = _thread_slot.left_out = 0
+    _thread_slot.pending, _thread_slot.unknown_type_said = None, False
+
+
+def _say_left_out() -> None:
+    left_out = getattr(_thread_slot, "left_out", 0)
+    if left_out:
+        log.warning("dicom: %d more line(s) from pynetdicom about the connection from %s left out of the log",
+                    left_out, _thread_peer())
+    _thread_slot.slot = None
+
+
+class _SaidByEndBroken(logging.Filter):
+    """The state machine's lines (and traceback) about an event it cannot take or an action that
+    raised: it re-raises, and ``_end_broken`` says it in one line with the peer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is not None:
+            return False
+        return not (isinstance(record.msg, str) and record.msg.startswith(
+            ("Invalid event '", "State Machine received an exception")))
+
+
 logging.getLogger("pynetdicom.dul").addFilter(_QuietAfterOurClose())
 logging.getLogger("pynetdicom.association").addFilter(_QuietAfterOurClose())
+logging.getLogger("pynetdicom.dul").addFilter(_OneLineForUndecodable())
+logging.getLogger("pynetdicom.utils").addFilter(_OneLineForUndecodable())  # AE titles and UIDs that are not ASCII
+logging.getLogger("pynetdicom.fsm").addFilter(_SaidByEndBroken())
+for _name in ("pynetdicom", "pynetdicom._validators", "pynetdicom.acse", "pynetdicom.association", "pynetdicom.dimse",
+              "pynetdicom.dimse_messages", "pynetdicom.dimse_primitives", "pynetdicom.dsutils", "pynetdicom.dul",
+              "pynetdicom.events", "pynetdicom.fsm", "pynetdicom.pdu", "pynetdicom.pdu_items",
+              "pynetdicom.pdu_primitives", "pynetdicom.presentation", "pynetdicom.service_class",
+              "pynetdicom.transport", "pynetdicom.utils", "pydicom"):
+    logging.getLogger(_name).addFilter(_LinesPerConnection())  # after the filters above: counts what is kept
 
 
 # --- the server -----------------------------------------------------------------------
@@ -439,14 +566,77 @@ class SlotRequestHandler(RequestHandler):
         run = assoc.run
 
         def run_then_free_the_slot() -> None:
+            _serve_connection(slot)
             try:
                 run()
+            except Exception as exc:  # a peer's bytes pynetdicom's negotiation or reactor did not expect
+                _end_broken(assoc, slot, server.slots, exc, "association")
             finally:
                 server.slots.release(slot)
+                _say_left_out()
 
         assoc.run = run_then_free_the_slot  # type: ignore[method-assign]
+        dul = assoc.dul
+        dul_run = dul.run
+
+        def dul_run_or_end() -> None:
+            _serve_connection(slot)
+            try:
+                dul_run()
+            except Exception as exc:  # the reactor died: without this the association waits on a dead DUL
+                _end_broken(assoc, slot, server.slots, exc, "DUL")
+            finally:
+                _say_left_out()
+
+        dul.run = dul_run_or_end  # type: ignore[method-assign]
         _stop_waiting_when_gone(assoc, slot)
         return assoc
+
+
+def _end_broken(assoc: Association, slot: Slot, slots: SlotTable, exc: Exception, thread: str) -> None:
+    """One of the association's threads raised: answer the peer, close, stop both threads, one line.
+
+    Runs in the thread that raised. While the request is being negotiated (Sta2: the DUL
+    could not turn the A-ASSOCIATE-RQ into a request; Sta3: the acceptor could not negotiate
+    it) the peer gets an A-ASSOCIATE-RJ, later an A-ABORT; in Sta13 pynetdicom has already
+    answered and only the close was left to do.
+    """
+    already = slot.broken
+    slot.broken = True  # pynetdicom's own abort line, if any follows, is not needed
+    slot.gone = True  # the other thread, if waiting for the A-ASSOCIATE-RQ, stops waiting
+    dul = assoc.dul
+    state = dul.state_machine.current_state
+    negotiating = state in ("Sta2", "Sta3")
+    if not already:
+        what = ("refused the association request from %s%s (A-ASSOCIATE-RJ)" if negotiating
+                else "closed the connection from %s%s, already aborted" if state == "Sta13"
+                else "aborted the association from %s%s")
+        log.warning("dicom: " + what + ": pynetdicom's %s thread could not go on with what it sent (%s)",
+                    slot.peer, f" ({slot.ae_title})" if slot.ae_title else "", thread, short_exception(exc))
+    assoc_sock = dul.socket
+    raw = cast(socket.socket | None, getattr(assoc_sock, "socket", None))
+    if raw is not None and state != "Sta13":
+        with contextlib.suppress(OSError):
+            raw.settimeout(1.0)  # a peer that does not read gets no answer, and no more of our time
+            raw.sendall(_ASSOCIATE_RJ_BROKEN if negotiating else _ABORT)
+    if negotiating:
+        assoc.is_rejected = True
+    else:
+        assoc.is_aborted = True
+    assoc.is_established = False
+    assoc._kill = True  # type: ignore[attr-defined]  # the association reactor's loop condition
+    dul.kill_dul()
+    was_open = raw is not None
+    if assoc_sock is not None:
+        with contextlib.suppress(Exception):  # shut down and closed; pynetdicom's own close is a no-op after it
+            assoc_sock.close()
+    with contextlib.suppress(Exception):
+        dul.state_machine.transition("Sta1")  # counts no more (transition_and_stop_counting)
+    slots.ending(slot)
+    if was_open:
+        with contextlib.suppress(Exception):  # the service's counters and database connection, as after any close
+            evt.trigger(assoc, evt.EVT_CONN_CLOSE, {"address": (slot.address, slot.port)})
+
 
 
 def _stop_waiting_when_gone(assoc: Association, slot: Slot) -> None:

@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, cast
@@ -63,6 +64,9 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU and per-message debug handlers: they cost on every C-FIND answer and P-DATA
 _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+# pydicom says a malformed value (a peer's UID) twice: on its logger, budgeted per connection in
+# edge.dicom.connections, and as a UserWarning on stderr, unbudgeted and with the peer's bytes.
+warnings.filterwarnings("ignore", message=r".*(Invalid value for VR|allowed for VR)", category=UserWarning)
 
 OnKept = Callable[[KeptInstance], None]
 # The worklist refuses a peer that is not one of the clinic's modalities with "Unable to process" and a comment:
