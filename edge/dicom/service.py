@@ -37,6 +37,7 @@ from edge.dicom import availability, find_responses, receive_file
 from edge.dicom.connections import AssociationServer, SlotRequestHandler, SlotTable, slot_of
 from edge.dicom.identifier import read_identifier
 from edge.dicom.modalities import ModalityDirectory
+from edge.dicom.status import failure_status
 from edge.dicom.const import (
     ACSE_TIMEOUT_S,
     STATUS_OUT_OF_RESOURCES,
@@ -285,7 +286,7 @@ class DicomService:
                 "dicom: refused instance %s from %s: the disk filled while it was received",
                 event.request.AffectedSOPInstanceUID, calling,
             )
-            return _status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
+            return failure_status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
         if self.spool.free_mb() < self.config.storage.min_free_mb and self.make_room is not None:
             try:
                 self.make_room()
@@ -300,7 +301,7 @@ class DicomService:
                 self.spool.free_mb(),
                 self.config.storage.min_free_mb,
             )
-            return _status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
+            return failure_status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
         try:
             received_bytes = os.path.getsize(event.dataset_path)
             limits = DecodeLimits.from_storage(self.config.storage)  # size, deflate ratio, element count
@@ -314,11 +315,11 @@ class DicomService:
                 exc.reason,
                 exc.status,
             )
-            return _status(exc.status, exc.reason)
+            return failure_status(exc.status, exc.reason)
         except Exception:  # a bug must not take the association thread down silently
             metrics.CSTORE_RESULTS.labels("error").inc()
             log.exception("dicom: failed to keep instance %s from %s", event.request.AffectedSOPInstanceUID, calling)
-            return _status(STATUS_PROCESSING_FAILURE, "edge node could not keep the instance")
+            return failure_status(STATUS_PROCESSING_FAILURE, "edge node could not keep the instance")
         metrics.CSTORE_RESULTS.labels("duplicate" if kept.duplicate else "kept").inc()
         if not kept.duplicate:
             metrics.RECEIVED_BYTES.inc(received_bytes)
@@ -377,7 +378,7 @@ class DicomService:
                      why: str) -> tuple[Dataset, None]:
         log.warning("dicom: worklist query from %s (%s) refused (status 0x%04X): %s", calling, address, code, why)
         self._audit_find(calling, address, f"refused (0x{code:04X}): {why}", refused=True)
-        return _status(code, comment), None
+        return failure_status(code, comment), None
 
     def _audit_find(self, calling: str, address: str, outcome: str, refused: bool = False) -> None:
         """The console's audit row for a worklist query; a failed write is logged, the DR still answered."""
@@ -386,10 +387,3 @@ class DicomService:
         except Exception as exc:
             log.error("dicom: could not audit the worklist query from %s (%s): %s", calling, address, exc)
 
-
-def _status(code: int, comment: str) -> Dataset:
-    """A status dataset whose Error Comment (LO, 64 chars) the modality can show."""
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds

@@ -30,6 +30,7 @@ from pydicom.sequence import Sequence
 from pynetdicom.dsutils import encode
 
 from edge.dicom.identifier import MalformedIdentifier
+from edge.dicom.status import failure_status
 from edge.orders.tables import Audit, Order, Visit, audit
 from edge.store.db import write_transaction
 from edge.store.models import utcnow
@@ -285,10 +286,8 @@ def cached_dataset(item: WorklistItem, implicit_vr: bool = True, deflated: bool 
 
 
 def failure(status: int, reason: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = reason[:64]
-    return ds
+    """The C-FIND failure status; the reason made one LO value (edge.dicom.status)."""
+    return failure_status(status, reason)
 
 
 def answer(read_identifier: Callable[[], Dataset], today: dt.date | None = None,
