@@ -97,12 +97,18 @@ def test_valid_frames_survive_any_garbage_between_them(pairs: list[tuple[bytes, 
 
 # --- a box session fed any message sequence ------------------------------------------------------
 
+# The bridge refuses a HELLO without all of I, II, V1-V6 or with an unprintable name (NAK UNSUPPORTED):
+# the strategies offer the refused and the accepted kinds about equally, so the recording path is fuzzed too.
 _leads = st.lists(st.integers(0, len(ACQUIRED_LEADS) - 1), max_size=10).map(lambda c: tuple(ACQUIRED_LEADS[i] for i in c))
-_hello = st.builds(Hello, st.text(min_size=1, max_size=20), st.text(max_size=10), st.text(max_size=10),
-                   st.integers(1, 0xFFFF), st.integers(1, 2**32 - 1), _leads, st.integers(0, 255))
+_printable = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+_box_id = st.one_of(st.text(_printable, min_size=1, max_size=20), st.text(min_size=1, max_size=20))
+_name = st.one_of(st.text(_printable, max_size=10), st.text(max_size=10))
+_hello = st.builds(Hello, _box_id, _name, _name, st.integers(1, 0xFFFF), st.integers(1, 2**32 - 1),
+                   st.one_of(st.permutations(ACQUIRED_LEADS), _leads), st.integers(0, 255))
 _rec_id = st.integers(0, 3)
 _samples = st.builds(lambda r, first, n, leads: Samples(r, first, np.zeros((n, leads), "<i2")),
-                     _rec_id, st.one_of(st.integers(0, 20000), st.integers(0, 2**32 - 1)), st.integers(0, 25), st.integers(0, 9))
+                     _rec_id, st.one_of(st.integers(0, 20000), st.integers(0, 2**32 - 1)), st.integers(0, 25),
+                     st.one_of(st.just(len(ACQUIRED_LEADS)), st.integers(0, 9)))
 _messages = st.one_of(
     _hello.map(lambda m: (Msg.HELLO, m.pack())),
     st.builds(Status, st.integers(0, 255), st.integers(0, 255), st.integers(0, 0xFFFF)).map(lambda m: (Msg.STATUS, m.pack())),
@@ -140,31 +146,68 @@ def session_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     database.close()
 
 
-@FUZZ
-@given(st.lists(_messages, max_size=25))
-@example([(Msg.HELLO, Hello("0", "", "", 1, 1, leads=()).pack()),  # found by this property: a HELLO without
-          (Msg.REC_START, RecStart(0, 0, 0).pack()),              # leads I and II, then a recording:
-          (Msg.REC_END, RecEnd(0, 0).pack())])                    # KeyError 'I' in build_ecg, NAK STORAGE for ever
-def test_a_session_fed_any_messages_never_raises_or_logs_an_exception(session_store: Any, messages: list[tuple[int, bytes]]) -> None:
+def _a_recording(hello: Hello, rec_id: int, n: int) -> list[tuple[int, bytes]]:
+    """A box's whole recording: HELLO, REC_START, one SAMPLES of every lead, REC_END."""
+    data = np.zeros((n, len(hello.leads)), "<i2")
+    return [(Msg.HELLO, hello.pack()), (Msg.REC_START, RecStart(rec_id, hello.sample_rate, n).pack()),
+            (Msg.SAMPLES, Samples(rec_id, 0, data).pack()), (Msg.REC_END, RecEnd(rec_id, n).pack())]
+
+
+# A sequence of any messages, or a whole recording with any messages slipped in somewhere.
+_sequences = st.one_of(
+    st.lists(_messages, max_size=25),
+    st.builds(lambda rec, more, at: rec[:at] + more + rec[at:],
+              st.builds(_a_recording, _hello, _rec_id, st.integers(1, 25)), st.lists(_messages, max_size=6),
+              st.integers(0, 4)),
+)
+
+
+def _hello_outcome(payload: bytes) -> str:
+    try:
+        Hello.parse(payload)
+    except ProtocolError:
+        return "hello refused"
+    return "hello accepted"
+
+
+def test_a_session_fed_any_messages_never_raises_or_logs_an_exception(session_store: Any) -> None:
     where, spool = session_store
     config = bridge_config(where, where / "no-such-port")
-    session = BoxSession("fuzz-port", config.bridge, spool, "Fuzz Clinic", "edge-fuzz")
-    session._writer = _Writer()  # type: ignore[assignment]
-    errors = _Errors()
-    logging.getLogger("firmware_bridge").addHandler(errors)
+    seen: dict[str, int] = {}
 
-    async def feed() -> None:
-        for seq, (kind, payload) in enumerate(messages):
-            await session._on_frame(Frame(1, kind, seq, payload))
+    @FUZZ
+    @given(_sequences)
+    @example([(Msg.HELLO, Hello("0", "", "", 1, 1, leads=()).pack()),  # found by this property: a HELLO without
+              (Msg.REC_START, RecStart(0, 0, 0).pack()),              # leads I and II, then a recording:
+              (Msg.REC_END, RecEnd(0, 0).pack())])                    # KeyError 'I' in build_ecg, NAK STORAGE for ever
+    def session_fed(messages: list[tuple[int, bytes]]) -> None:
+        session = BoxSession("fuzz-port", config.bridge, spool, "Fuzz Clinic", "edge-fuzz")
+        session._writer = _Writer()  # type: ignore[assignment]
+        errors = _Errors()
+        logging.getLogger("firmware_bridge").addHandler(errors)
 
-    try:
-        asyncio.run(feed())
-    finally:
-        logging.getLogger("firmware_bridge").removeHandler(errors)
-    crashes = [r for r in errors.records if r.exc_info]
-    assert not crashes, f"{crashes[0].getMessage()}: {crashes[0].exc_info[1]!r}"  # type: ignore[index]
-    for frame in FrameDecoder().feed(bytes(session._writer.sent)):  # type: ignore[attr-defined]
-        assert frame is not None  # every answer is a well-formed frame
+        async def feed() -> None:
+            for seq, (kind, payload) in enumerate(messages):
+                await session._on_frame(Frame(1, kind, seq, payload))
+
+        try:
+            asyncio.run(feed())
+        finally:
+            logging.getLogger("firmware_bridge").removeHandler(errors)
+        crashes = [r for r in errors.records if r.exc_info]
+        assert not crashes, f"{crashes[0].getMessage()}: {crashes[0].exc_info[1]!r}"  # type: ignore[index]
+        for frame in FrameDecoder().feed(bytes(session._writer.sent)):  # type: ignore[attr-defined]
+            assert frame is not None  # every answer is a well-formed frame
+        for outcome in [_hello_outcome(p) for kind, p in messages if kind == Msg.HELLO] + (
+                ["recording kept"] if session.stats.kept else []):
+            seen[outcome] = seen.get(outcome, 0) + 1
+
+    session_fed()
+    # Both sides of the bridge's HELLO check, and the recording path behind it, were fuzzed.
+    assert seen.get("hello refused", 0) >= EXAMPLES // 10, seen
+    assert seen.get("hello accepted", 0) >= EXAMPLES // 10, seen
+    assert seen.get("recording kept", 0) >= 1, seen
+    print(f"\nbox session: {seen}")
 
 
 # --- end to end: the software box on a pty pair, garbage interleaved ----------------------------
