@@ -327,15 +327,34 @@ def users_page(clinic: str, user: str, role: str, csrf: str, users: Sequence[dic
     return layout("Users", body, clinic, user, role, csrf, page="users")
 
 
+AUDIT_ACTIONS = (  # what the technician reads under the Audit page's title, for the actions that are not plain words
+    ("worklist", "a modality (its AE title under Who) read the day's worklist; the detail says how many patients "
+                 "it was sent"),
+    ("worklist_refused", "a worklist query was turned away, with why: a device that is not one of this clinic's "
+                         "modalities gets no patients; repeats from the same device within a minute share one line "
+                         "with their count"),
+)
+
+
+def _when(at: str) -> str:
+    """``2026-12-01T22:32:09Z`` as ``2026-12-01 22:32:09``: the column already says UTC."""
+    return at.replace("T", " ").removesuffix("Z")
+
+
 def audit_page(clinic: str, user: str, role: str, csrf: str, rows: Sequence[dict[str, Any]]) -> str:
     body_rows = "".join(
-        f'<tr><td>{e(r["at"])}</td><td>{e(r["user"])}</td><td>{e(r["action"])}</td><td>{e(r["accession_number"])}</td>'
+        f'<tr><td><time datetime="{e(r["at"])}">{e(_when(r["at"]))}</time></td><td>{e(r["user"])}</td>'
+        f'<td>{e(r["action"])}</td><td>{e(r["accession_number"])}</td>'
         f'<td>{e(r["detail"])}</td><td>{e(r["client"])}</td></tr>'
         for r in rows
     )
+    legend = "".join(f"<li><b>{e(action)}</b>: {e(text)}</li>" for action, text in AUDIT_ACTIONS)
     body = (
-        '<section class="card"><h1>Audit log</h1><p class="muted">Who registered, changed or reprinted what, and when (newest first).</p>'
-        '<table><thead><tr><th>When (UTC)</th><th>User</th><th>Action</th><th>Accession</th><th>Detail</th><th>From</th></tr></thead>'
+        '<section class="card"><h1>Audit log</h1><p class="muted">Who registered, changed or reprinted what, who '
+        "signed in, and every worklist query: which modality read the day's list, or which device was refused it "
+        "and why (newest first).</p>"
+        f'<ul class="muted legend">{legend}</ul>'
+        '<table><thead><tr><th>When (UTC)</th><th>Who</th><th>Action</th><th>Accession</th><th>Detail</th><th>From</th></tr></thead>'
         f"<tbody>{body_rows}</tbody></table></section>"
     )
     return layout("Audit", body, clinic, user, role, csrf, page="audit")
