@@ -2,8 +2,10 @@
 
 ``_dicom._tcp`` with TXT ``aet=<AE title>`` lets a DR (or a technician's laptop) find
 the node without typing its address; ``_http._tcp`` points at the console. A record is
-announced only while its port accepts connections, so the LAN never sees a service
-that is down, and every record is withdrawn (goodbye packets) when the node stops.
+announced only while its service runs, so the LAN never sees a service that is down, and
+every record is withdrawn (goodbye packets) when the node stops. Whether DICOM runs is read
+from the service's own report (``edge.ops.health.dicom_availability``), never by connecting:
+a probe every refresh would take one of the DR's association slots.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from edge.config import EdgeConfig
-from edge.ops.health import port_listening
+from edge.ops.health import dicom_availability, port_listening
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +121,17 @@ class Announcer:
         self._zc = open_zeroconf(self.config.ops.zeroconf_interfaces)
         await self.refresh()
 
+    def _is_up(self, name: str, address: str, port: int) -> bool:
+        if name == "dicom":  # the DICOM service's report: a connection would cost the DR a slot
+            return dicom_availability(self.config) is not None
+        return port_listening(address, port, 0.5)
+
     async def refresh(self) -> None:
-        """Announce what listens, withdraw what stopped (port probes run off the loop)."""
+        """Announce what runs, withdraw what stopped (file reads and port probes run off the loop)."""
         if self._zc is None:
             return
         for name, (info, address, port) in self._infos.items():
-            up = await asyncio.to_thread(port_listening, address, port, 0.5)
+            up = await asyncio.to_thread(self._is_up, name, address, port)
             if up and name not in self._announced:
                 await self._zc.async_register_service(info, allow_name_change=True)
                 self._announced.add(name)
@@ -132,7 +139,7 @@ class Announcer:
             elif not up and name in self._announced:
                 await self._zc.async_unregister_service(info)
                 self._announced.discard(name)
-                log.info("zeroconf: withdrew %s (port %d down)", info.name, port)
+                log.info("zeroconf: withdrew %s (service on port %d down)", info.name, port)
 
     async def stop(self) -> None:
         if self._zc is None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from typing import Any
 
+import pytest
 from zeroconf import (
     IPVersion,
     ServiceBrowser,
@@ -81,13 +83,23 @@ def test_node_announces_dicom_with_its_aet_and_withdraws_at_shutdown(node_factor
         watcher.close()
 
 
-def test_a_service_that_is_down_is_not_announced(node_factory: Any) -> None:
-    """`edge serve ops` alone: nothing listens on the DICOM or console port, so nothing is announced."""
+def test_a_service_that_is_down_is_not_announced(node_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edge serve ops` alone: neither the DICOM service nor the console runs, so nothing is announced.
+    Whether DICOM runs is read from its report, not by connecting: a probe every refresh took a DR slot."""
     from edge.config import load_config
     from edge.ops.discovery import Announcer
 
     node = node_factory(("serve", "dicom"), ops=LOOPBACK_ZEROCONF)
     config = load_config(node.config)
+    dialled: list[int] = []
+    connect = socket.socket.connect
+
+    def recording_connect(self: socket.socket, address: Any) -> None:
+        if isinstance(address, tuple) and len(address) >= 2:
+            dialled.append(int(address[1]))
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", recording_connect)
 
     async def announced() -> set[str]:
         announcer = Announcer(config)
@@ -99,4 +111,8 @@ def test_a_service_that_is_down_is_not_announced(node_factory: Any) -> None:
 
     assert asyncio.run(announced()) == set()
     node.start()
+    node.wait_for_log(f"dicom: {node.ae_title} listening")  # its first report is written just before
+    dialled.clear()  # starting the node waited for its port: only the announcer's own connections count
     assert asyncio.run(announced()) == {"dicom"}
+    assert node.port not in dialled, "the announcer connected to the DICOM port"
+    assert config.console.port in dialled  # the console is still found by its port
