@@ -217,8 +217,11 @@ def edge_receiver(net: Network, max_pdu: int, concurrency: int) -> Receiver:
         config = work / "edge.toml"
         write_edge_toml(config, {
             "node": {"id": "bench-0001"},
+            # The sender is the clinic's DR, as configured on a real node: a stranger would get only
+            # max_associations_per_host (2) of the concurrent associations.
             "dicom": {"ae_title": "EDGE", "bind_address": "127.0.0.1", "port": port,
-                      "max_pdu_bytes": max_pdu, "max_associations": max(8, concurrency + 1)},
+                      "max_pdu_bytes": max_pdu, "max_associations": max(8, concurrency + 1),
+                      "modality_ae": CALLING_AET, "modality_host": "127.0.0.1"},
             "storage": {"data_dir": str(work / "data"), "min_free_mb": 0},
             "console": {"bind_address": "127.0.0.1", "port": free_port()},
             "kiosk": {"port": free_port()},
