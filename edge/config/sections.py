@@ -103,6 +103,8 @@ class ConsoleSection(Section):
     session_idle_minutes: float = Field(default=120.0, gt=0, le=24 * 60)
     max_login_failures: int = Field(default=5, ge=1, le=100)
     login_lockout_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
+    login_address_failures: int = Field(default=20, ge=1, le=1000)
+    login_address_window_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
     refresh_s: float = Field(default=3.0, ge=1.0, le=60.0)
 
     @field_validator("exams")

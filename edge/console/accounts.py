@@ -12,6 +12,12 @@ restart does not reset it, ``edge user unlock`` clears it from another process) 
 try is counted *before* its password is checked, in one write transaction, so fifty
 concurrent guesses cannot all slip past the limit. An unknown name is counted, delayed,
 checked (against a dummy hash) and answered exactly like a known one.
+
+Besides each pair's count, an address has one budget across every name it types: after
+``login_address_failures`` wrong logins within ``login_address_window_minutes`` the whole
+address waits (1 s, 2, 4, … up to the same cap), so a phone cycling through names is
+slowed as one guesser. Another address — the reception PC — is not affected; a PC the
+stranger shares (one NAT address) is, which is why the budget is generous.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 
 from peewee import fn
 
-from edge.console.tables import ConsoleSession, ConsoleUser, LoginDelay
+from edge.console.tables import ConsoleSession, ConsoleUser, LoginAddressDelay, LoginDelay
 from edge.orders.tables import audit
 from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
 from edge.store.db import write_transaction
@@ -128,19 +134,31 @@ def _wait_text(seconds: float) -> str:
     return f"{whole} s" if whole < 120 else f"{math.ceil(whole / 60)} min"
 
 
-def _count_try(name: str, client: str, free_failures: int, max_delay_s: float) -> tuple[float, float]:
-    """Count this try against the pair before it is evaluated: (seconds still to wait, delay after this try).
+@dataclass(frozen=True)
+class AddressBudget:
+    """``[console] login_address_failures`` within ``login_address_window_minutes``, across all names."""
 
-    Wait > 0: refused without counting. Otherwise the try is counted as a failure now and
-    forgiven if the password turns out right, so concurrent tries queue on this one
-    transaction instead of all reading the same count.
+    failures: int = 20
+    window_minutes: float = 15.0
+
+
+def _count_try(name: str, client: str, free_failures: int, max_delay_s: float,
+               budget: AddressBudget = AddressBudget()) -> tuple[float, float]:
+    """Count this try against the pair and the address before it is evaluated: (seconds still to wait, delay after this try).
+
+    Wait > 0: refused without counting (the pair or the whole address must wait). Otherwise
+    the try is counted as a failure of both now and forgiven if the password turns out
+    right, so concurrent tries queue on this one transaction instead of all reading the
+    same count.
     """
     now = utcnow()
     with write_transaction():
         LoginDelay.delete().where(LoginDelay.last_failure_at < now - FORGET_AFTER).execute()
         row = LoginDelay.get_or_none(LoginDelay.user_name == name, LoginDelay.client == client)
-        if row is not None and row.next_try_at > now:
-            return (row.next_try_at - now).total_seconds(), 0.0
+        address = LoginAddressDelay.get_or_none(LoginAddressDelay.client == client)
+        waits = [r.next_try_at for r in (row, address) if r is not None and r.next_try_at > now]
+        if waits:
+            return (max(waits) - now).total_seconds(), 0.0
         failures = (row.failures if row is not None else 0) + 1
         delay = login_delay_s(failures, free_failures, max_delay_s)
         (LoginDelay.insert(user_name=name, client=client, failures=failures,
@@ -149,11 +167,23 @@ def _count_try(name: str, client: str, free_failures: int, max_delay_s: float) -
                       update={LoginDelay.failures: failures, LoginDelay.next_try_at: now + dt.timedelta(seconds=delay),
                               LoginDelay.last_failure_at: now})
          .execute())
-    return 0.0, delay
+        window = dt.timedelta(minutes=budget.window_minutes)
+        fresh = address is None or now - address.window_start >= window  # a new window: the count starts again
+        address_failures = 1 if address is None or fresh else address.failures + 1
+        address_delay = login_delay_s(address_failures, budget.failures, max_delay_s)
+        (LoginAddressDelay.insert(client=client, failures=address_failures, window_start=now,
+                                  next_try_at=now + dt.timedelta(seconds=address_delay))
+         .on_conflict(conflict_target=[LoginAddressDelay.client],
+                      update={LoginAddressDelay.failures: address_failures,
+                              LoginAddressDelay.next_try_at: now + dt.timedelta(seconds=address_delay),
+                              **({LoginAddressDelay.window_start: now} if fresh else {})})
+         .execute())
+    return 0.0, max(delay, address_delay)
 
 
-def log_in(name: str, password: str, max_failures: int, max_delay_minutes: float, client: str) -> LoginResult:
-    """Check a password under the per-(user, address) delay; audit every outcome (never the password).
+def log_in(name: str, password: str, max_failures: int, max_delay_minutes: float, client: str,
+           address_budget: AddressBudget = AddressBudget()) -> LoginResult:
+    """Check a password under the per-(user, address) and per-address delays; audit every outcome (never the password).
 
     Unknown, disabled and wrong all read "Wrong user name or password." and cost one scrypt
     check each; a pair that must wait is answered at once, without a check, the same way
@@ -162,7 +192,7 @@ def log_in(name: str, password: str, max_failures: int, max_delay_minutes: float
     name = name.strip().lower()[:64]
     client = client[:64]
     who = name or "?"
-    wait, delay = _count_try(name, client, max_failures, max_delay_minutes * 60)
+    wait, delay = _count_try(name, client, max_failures, max_delay_minutes * 60, address_budget)
     if wait > 0:
         with write_transaction():
             audit(who, "login_throttled", detail=f"tried again {wait:.0f} s too early", client=client)
@@ -179,6 +209,9 @@ def log_in(name: str, password: str, max_failures: int, max_delay_minutes: float
     now = utcnow()
     with write_transaction():
         LoginDelay.delete().where(LoginDelay.user_name == name, LoginDelay.client == client).execute()
+        # This try was counted against the address too: forgive it (only it; earlier wrong ones still count).
+        LoginAddressDelay.update(failures=fn.MAX(LoginAddressDelay.failures - 1, 0)).where(
+            LoginAddressDelay.client == client).execute()
         ConsoleUser.update(last_login_at=now).where(ConsoleUser.id == user.id).execute()
         audit(name, "login", client=client)
     log.info("console: %s logged in from %s", name, client)

@@ -1,4 +1,4 @@
-"""The console's tables: local user accounts, their login sessions, and login delays.
+"""The console's tables: local user accounts, their login sessions, and login delays (per name and address, per address).
 
 In the database rather than in memory so that ``edge user add`` / ``edge user unlock``
 (another process) and a console restart see the same accounts, and a delay survives a
@@ -66,6 +66,22 @@ class LoginDelay(StoreModel):
         indexes = ((("user_name", "client"), True),)
 
 
+class LoginAddressDelay(StoreModel):
+    """Wrong logins from one address across every user name, in the current window, and when it may try again.
+
+    The pair delay above gives each typed name its own free tries: one phone cycling through
+    names would never slow down. This row is the address's budget over all names.
+    """
+
+    client = CharField(max_length=64, unique=True)
+    failures = IntegerField(default=0)
+    window_start = DateTimeField(default=utcnow)
+    next_try_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "console_login_address_delay"
+
+
 CONSOLE_TABLES = [ConsoleUser, ConsoleSession]
 
 
@@ -77,4 +93,8 @@ def _v2_login_delays(db: SqliteDatabase) -> None:
     db.create_tables([LoginDelay], safe=True)
 
 
-MIGRATIONS = [_v1_console_tables, _v2_login_delays]
+def _v3_login_address_delays(db: SqliteDatabase) -> None:
+    db.create_tables([LoginAddressDelay], safe=True)
+
+
+MIGRATIONS = [_v1_console_tables, _v2_login_delays, _v3_login_address_delays]

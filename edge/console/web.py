@@ -175,7 +175,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     name, password = str(form.get("user", "")), str(form.get("password", ""))
     cfg = ctx.config.console
     result = await asyncio.to_thread(
-        accounts.log_in, name, password, cfg.max_login_failures, cfg.login_lockout_minutes, _client(request))
+        accounts.log_in, name, password, cfg.max_login_failures, cfg.login_lockout_minutes, _client(request),
+        accounts.AddressBudget(cfg.login_address_failures, cfg.login_address_window_minutes))
     if not result.ok or result.user_id is None:
         token = _login_token(request)
         response = _html(pages.login_page(ctx.config.node.name, token, result.message, name),
