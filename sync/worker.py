@@ -134,18 +134,21 @@ class OutboxWorker:
         ):
             with attempt:
                 while True:
+                    # Cleared before looking at the outbox, not after: a row kept (and its wake) while
+                    # the slot finds the outbox empty keeps the event set, so _idle returns at once
+                    # instead of at the next poll. A wake before this line is for a row the look sees.
+                    self._wake.clear()
                     sent = await self.send_next()
                     if not sent:
                         await self._idle()
 
     async def _idle(self) -> None:
-        """Sleep until woken, until a parked row is due, or the poll interval."""
+        """Sleep until woken (since the slot last looked at the outbox), until a parked row is due, or the poll interval."""
         timeout = self.settings.poll_interval_s
         routine = routine_allowed_now(self.settings.routine_windows)
         due = await asyncio.to_thread(next_attempt_at, routine)
         if due is not None:
             timeout = max(0.05, min(timeout, (due - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()))
-        self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
