@@ -36,10 +36,10 @@ def cmd_discover(config: EdgeConfig, args: argparse.Namespace) -> int:
         print(json.dumps([f.as_json() for f in found], indent=2))
         return 0
     if not found:
-        print(f"nothing found on the LAN in {args.timeout:.0f}s (_dicom._tcp, _http._tcp)")
+        print(f"nothing found on the LAN in {args.timeout:.0f}s (_dicom._tcp, _http._tcp, _https._tcp)")
         return 0
     for f in found:  # names and TXT records are whatever a device on the LAN announced
-        kind = "DICOM" if f.type.startswith("_dicom.") else "HTTP"
+        kind = "DICOM" if f.type.startswith("_dicom.") else "HTTPS" if f.type.startswith("_https.") else "HTTP"
         extra = f"aet={f.properties.get('aet', '?')}" if kind == "DICOM" else f"path={f.properties.get('path', '/')}"
         print(f"{kind:5}  {printable(','.join(f.addresses) or '-')}:{f.port:<5}  {printable(extra):20}  {printable(f.name)}")
     return 0

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 DICOM_TYPE = "_dicom._tcp.local."
 HTTP_TYPE = "_http._tcp.local."
-BROWSED_TYPES = (DICOM_TYPE, HTTP_TYPE)
+HTTPS_TYPE = "_https._tcp.local."  # the console with [console] tls_cert: a browser following it must use https
+BROWSED_TYPES = (DICOM_TYPE, HTTP_TYPE, HTTPS_TYPE)
 _MAX_LABEL = 63  # bytes in one DNS label (the service instance name)
 
 
@@ -93,9 +94,10 @@ def service_infos(config: EdgeConfig) -> dict[str, tuple[AsyncServiceInfo, str, 
         dicom.bind_address, dicom.port,
     )
     console = config.console
+    console_type = HTTPS_TYPE if console.tls_cert else HTTP_TYPE  # it serves https only then
     infos["console"] = (
         AsyncServiceInfo(
-            HTTP_TYPE, f"{_instance_name(config, 'console')}.{HTTP_TYPE}", port=console.port,
+            console_type, f"{_instance_name(config, 'console')}.{console_type}", port=console.port,
             properties={"path": "/", "role": "console", **common}, addresses=addresses, server=host,
         ),
         console.bind_address, console.port,
