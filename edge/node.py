@@ -18,6 +18,7 @@ from edge.service import Service, ServiceSetupError
 from edge.store.db import open_database
 from edge.store.reconcile import reconcile
 from edge.store.spool import Spool
+from edge.store.walk import DecodeLimits
 
 if TYPE_CHECKING:
     from edge.ops.dicom_metrics import DicomMetricsWriter
@@ -109,7 +110,7 @@ def build_services(config: EdgeConfig, names: Sequence[str], node_names: Sequenc
         elif name == "dicom":
             from edge.dicom.service import DicomService
 
-            report = reconcile(spool)
+            report = reconcile(spool, DecodeLimits.from_storage(config.storage))
             log.info(
                 "reconcile: %d temp file(s) removed, %d spool file(s) indexed, %d unreadable, %d row(s) without file",
                 report.temp_files_removed,

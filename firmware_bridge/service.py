@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from edge.config import EdgeConfig
 from edge.store.spool import KeptInstance, Spool
+from edge.store.walk import DecodeLimits
 from firmware_bridge.boxes import forget_connections
 from firmware_bridge.session import BoxSession
 
@@ -81,6 +82,7 @@ class BridgeService:
                 session = self.sessions.get(port) or BoxSession(
                     port, self.settings, self.spool, self.config.node.name, self.config.node.id, self.on_kept,
                     min_free_mb=self.config.storage.min_free_mb, make_room=self.make_room,
+                    limits=DecodeLimits.from_storage(self.config.storage),
                 )
                 self.sessions[port] = session
                 self._tasks[port] = asyncio.create_task(session.run(), name=f"bridge-{port}")

@@ -19,6 +19,7 @@ import serial_asyncio
 from peewee import DatabaseError
 
 from edge.store.spool import KeptInstance, RejectedInstance, Spool, is_out_of_space, keep_instance
+from edge.store.walk import DecodeLimits
 from firmware_bridge import boxes
 from firmware_bridge.config import BridgeSection
 from firmware_bridge.const import PROTOCOL_VERSION, Msg, Nak
@@ -96,9 +97,11 @@ class BoxSession:
         *,
         min_free_mb: int = 0,
         make_room: Callable[[], object] | None = None,
+        limits: DecodeLimits | None = None,
     ) -> None:
         """``min_free_mb``: ``[storage] min_free_mb``; under it a recording is refused (NAK STORAGE)
-        after ``make_room`` (retention: evict what the cloud holds) has been tried, as for a C-STORE."""
+        after ``make_room`` (retention: evict what the cloud holds) has been tried, as for a C-STORE.
+        ``limits``: the ``[storage]`` decode limits a recording is kept under, as a C-STORE is."""
         self.port = port
         self.settings = settings
         self.spool = spool
@@ -107,6 +110,7 @@ class BoxSession:
         self.on_kept = on_kept
         self.min_free_mb = min_free_mb
         self.make_room = make_room
+        self.limits = limits
         self._db_error_logged: float | None = None  # when a failed bookkeeping write was last logged
         self.stats = SessionStats()
         self.hello: Hello | None = None
@@ -381,7 +385,7 @@ class BoxSession:
         path = Path(name)
         try:
             write_ecg(ds, path)
-            kept = keep_instance(self.spool, path, calling_aet="", source="ecg")
+            kept = keep_instance(self.spool, path, calling_aet="", source="ecg", limits=self.limits)
         finally:
             try:  # gone already once kept (renamed into the spool); half-written otherwise
                 path.unlink(missing_ok=True)

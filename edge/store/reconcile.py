@@ -17,6 +17,7 @@ from edge.store.const import UNREADABLE_DIR
 from edge.store.db import write_transaction
 from edge.store.models import Instance, log_event
 from edge.store.spool import RejectedInstance, Spool, keep_instance
+from edge.store.walk import DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,12 @@ def _set_aside(spool: Spool, path: Path, reason: str) -> None:
     log.error("spool file %s is unreadable (%s): moved to %s", path.name, reason, target_dir)
 
 
-def reconcile(spool: Spool) -> ReconcileReport:
-    """Make spool and database agree; run before the DICOM service accepts associations."""
+def reconcile(spool: Spool, limits: DecodeLimits | None = None) -> ReconcileReport:
+    """Make spool and database agree; run before the DICOM service accepts associations.
+
+    ``limits``: the configured ``[storage]`` decode limits (``DecodeLimits.from_storage``), as
+    C-STORE applies them: a file left in the spool is indexed only if C-STORE would have kept it.
+    """
     report = ReconcileReport(temp_files_removed=_remove_temp_files(spool))
     known = {
         row.path: row
@@ -65,7 +70,7 @@ def reconcile(spool: Spool) -> ReconcileReport:
                 report.evicted_files_removed += 1
             continue
         try:
-            kept = keep_instance(spool, path, source="reconcile")
+            kept = keep_instance(spool, path, source="reconcile", limits=limits)
         except RejectedInstance as exc:
             _set_aside(spool, path, exc.reason)
             report.files_unreadable += 1

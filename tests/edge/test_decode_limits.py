@@ -97,3 +97,61 @@ def test_instance_size_cap_holds_for_plain_and_deflated_data(node_factory: Any, 
     make_dx(small, rows=256, cols=256)
     assert raw_store(node, small, DX_STORAGE) == (0, "")
     assert kept_count(node) == 1
+
+
+def test_the_ecg_bridge_keeps_recordings_under_the_configured_limits(tmp_path: Path) -> None:
+    """The bridge called keep_instance with the default limits; it now uses [storage]'s, as C-STORE does."""
+    import asyncio
+
+    import numpy as np
+
+    from edge.config import parse_config
+    from edge.store.db import database, open_database
+    from edge.store.spool import Spool
+    from firmware_bridge.const import Msg
+    from firmware_bridge.protocol import Frame, Hello, RecEnd, RecStart, Samples
+    from firmware_bridge.service import BridgeService
+    from firmware_bridge.session import BoxSession
+
+    config = parse_config({"node": {"id": "test-node", "name": "Test Clinic"},
+                           "storage": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0, "max_elements": 5000},
+                           "bridge": {"ports": [str(tmp_path / "no-such-port")], "port_glob": ""}}, tmp_path)
+    open_database(config.data_dir)
+    try:
+        spool = Spool(config.data_dir)
+
+        async def sessions_made() -> list[BoxSession]:
+            service = BridgeService(config, spool)
+            await service.start()
+            try:
+                return list(service.sessions.values())
+            finally:
+                await service.stop()
+
+        sessions = asyncio.run(sessions_made())
+        assert [s.limits for s in sessions] == [DecodeLimits.from_storage(config.storage)]
+        assert sessions[0].limits.max_elements == 5000  # type: ignore[union-attr]
+
+        # A session under limits that a 12-lead ECG exceeds refuses it as C-STORE would.
+        session = BoxSession("test-port", config.bridge, spool, limits=DecodeLimits(max_elements=10))
+        sent = bytearray()
+        session._writer = type("W", (), {"write": lambda self, data: sent.extend(data)})()  # type: ignore[assignment]
+        hello = Hello("ECG-1", "sim", "1.0", 500, 2500)
+        n = 200  # samples per lead, in one SAMPLES message (at most 255)
+        frames = [(Msg.HELLO, hello.pack()), (Msg.REC_START, RecStart(1, 500, n).pack()),
+                  (Msg.SAMPLES, Samples(1, 0, np.zeros((n, len(hello.leads)), "<i2")).pack()),
+                  (Msg.REC_END, RecEnd(1, n).pack())]
+
+        async def feed() -> None:
+            for seq, (kind, payload) in enumerate(frames):
+                await session._on_frame(Frame(1, kind, seq, payload))
+
+        asyncio.run(feed())
+        assert session.stats.kept == [] and session.stats.not_kept == 1
+        assert spool_files_of(config.data_dir) == []
+    finally:
+        database.close()
+
+
+def spool_files_of(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "spool").glob("*/*.dcm"))

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import EdgeNode, edge_cli
-from tests.dicom_factory import make_dx
-from tests.edge.helpers import echo_succeeds, outbox_rows_for, spool_files, storescu, temp_files
+from tests.dicom_factory import DX_STORAGE, make_dx
+from tests.edge.helpers import echo_succeeds, outbox_rows_for, raw_store, spool_files, storescu, temp_files
+from tests.edge.hostile_files import write_element_flood
 from tests.edge.test_dicom_ingest import dataset_bytes
 
 
@@ -131,3 +132,24 @@ def test_unreadable_spool_file_is_set_aside_and_node_starts(node_factory: Any, t
     assert len(spool_files(node)) == 1
     assert "1 unreadable" in node.log_text()
     assert node.status()["store"]["files_missing"] == 0
+
+
+def test_a_spool_file_over_the_configured_limits_is_set_aside_not_indexed(node_factory: Any, tmp_path: Path) -> None:
+    """Start-up reconcile decodes under the configured [storage] limits, as C-STORE does (it used the
+    defaults: 200 000 elements here would have been indexed and uploaded though C-STORE refuses it)."""
+    node = node_factory(storage={"max_elements": 1000})
+    study = "1.2.826.0.1.3680043.8.498.77"
+    flood = tmp_path / "flood.dcm"
+    sop = write_element_flood(flood, elements=5000, study_uid=study)
+    place = node.data_dir / "spool" / study / f"{sop}.dcm"
+    place.parent.mkdir(parents=True)
+    shutil.copyfile(flood, place)
+
+    node.start()
+    assert echo_succeeds(node)
+    assert node.studies() == []
+    assert (node.data_dir / "unreadable" / f"{study}__{sop}.dcm").exists()
+    assert "1 unreadable" in node.log_text()
+    assert "[storage] max_elements" in node.log_text()
+    status, comment = raw_store(node, flood, DX_STORAGE)  # the same file as a C-STORE: the same limit
+    assert status == 0xA700 and "max_elements" in comment, comment
