@@ -20,7 +20,15 @@ from pynetdicom.association import Association
 
 from tests.conftest import EdgeNode
 from tests.fuzz import mutate
-from tests.fuzz.conftest import NETWORK_TIMEOUT_S, Campaign, NodeWatch, peak_rss_mb, traceback_signature, tracebacks_in
+from tests.fuzz.conftest import (
+    FUZZ_DICOM,
+    NETWORK_TIMEOUT_S,
+    Campaign,
+    NodeWatch,
+    peak_rss_mb,
+    traceback_signature,
+    tracebacks_in,
+)
 from tests.fuzz.seeds import Seed, build_seeds, same_length_uid
 
 CLIENT_TIMEOUT_S = 30.0  # the sender's own DIMSE timeout: well past the node's network timeout
@@ -181,10 +189,8 @@ def test_mutated_files_raise_no_uncaught_exception_in_the_node(campaign: Campaig
     assert not campaign.tracebacks, campaign.report(campaign.tracebacks)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 item 3 (decoding bounded): a damaged deflate stream raises zlib.error "
-                   "out of edge/store/spool.read_header (traceback, 0x0110), being fixed with the deflate caps")
 def test_damaged_deflate_streams_through_real_associations(node_factory: Any, seeds: list[Seed], fuzz_rng: random.Random, tmp_path: Path) -> None:
-    node = node_factory(dicom={"network_timeout_s": NETWORK_TIMEOUT_S}).start()
+    node = node_factory(dicom=FUZZ_DICOM).start()
     found = fuzz_store(node, seeds, fuzz_rng, tmp_path, damage_stream=True)
     assert not found.failures and not found.tracebacks, campaign_report(found)
 
@@ -208,9 +214,8 @@ def _deflate_bomb(seed: Seed, inflated_mb: int) -> bytes:
     return seed.head + b"".join(parts) + packer.flush()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12 item 3 (deflate bomb): decoded-size caps in edge/store/spool.py, being fixed")
 def test_deflate_bombs_are_refused_within_the_memory_cap(node_factory: Any, seeds: list[Seed], tmp_path: Path) -> None:
-    fuzz_node = node_factory(dicom={"network_timeout_s": NETWORK_TIMEOUT_S}).start()
+    fuzz_node = node_factory(dicom=FUZZ_DICOM).start()
     watch = NodeWatch(fuzz_node)
     seed = next(s for s in seeds if s.name == "dx.dcm-deflated")
     case_file = tmp_path / "bomb.dcm"
