@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +29,12 @@ import pytest
 from tests.conftest import EdgeNode
 from tests.dicom_factory import make_dx
 from tests.edge.helpers import echo, storescu
+from tests.waiting import wait_until
 
 SLOW_CONNECTIONS = 1100  # past the 1024 descriptors one process had
 HEADER_TIMEOUT_S = 8.0
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def alive(pid: int) -> bool:

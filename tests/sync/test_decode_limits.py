@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +29,13 @@ from tests.edge.hostile_files import MiB, peak_rss_mb, write_deflate_bomb, write
 from tests.peers.orthanc import OrthancPeer
 from tests.sync.test_dicomweb import make_text_sr, misbehaving_server
 from tests.sync.test_reports import data_dir, poll, receive  # noqa: F401 - data_dir is a fixture
+from tests.waiting import wait_until
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 NODE_MEMORY_CAP_MB = 350
 LAX = {"max_instance_mb": 2048, "max_deflate_ratio": 10000, "max_elements": 10_000_000}
 FAST_SYNC = {"retry_min_s": 0.2, "retry_max_s": 1.0, "poll_interval_s": 0.5, "compress": "jpeg-ls"}
 
-
-def wait_until(check: Callable[[], Any], timeout: float = 120.0, what: str = "condition") -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def outbox(node: EdgeNode) -> dict[str, tuple[str, int, str]]:
@@ -82,7 +71,7 @@ def test_unfit_instances_are_quarantined_after_one_attempt_and_the_rest_upload(
         rows = outbox(sync)
         return rows if all(state in ("synced", "quarantined") for state, _, _ in rows.values()) else None
 
-    rows = wait_until(settled, what="every instance synced or quarantined")
+    rows = wait_until(settled, timeout=120.0, what="every instance synced or quarantined")
 
     assert rows[bomb_uid] == ("quarantined", 0, "not sent: inflates over 50x ([storage] max_deflate_ratio)")
     assert rows[flood_uid] == ("quarantined", 0, "not sent: over 200000 elements ([storage] max_elements)")

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tests.conftest import EdgeNode, edge_cli
 from tests.dicom_factory import make_dx
 from tests.peers.fault_proxy import FaultProxy
 from tests.peers.orthanc import OrthancPeer
+from tests.waiting import wait_until
 
 FAST_SYNC = {"retry_min_s": 0.2, "retry_max_s": 1.0, "poll_interval_s": 0.5, "compress": "none"}
 FAST_REPORTS = {"enabled": False}
@@ -35,14 +36,6 @@ def proxy(orthanc: OrthancPeer) -> Iterator[FaultProxy]:
         yield p
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def all_synced(node: EdgeNode, expected_studies: int) -> bool:

@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import EdgeNode
 from tests.peers.orthanc import OrthancPeer
 from tests.small_disk import mounted_tmpfs
-from tests.sync.test_outbox import FAST_REPORTS, FAST_SYNC, all_synced, dx_series, uids, wait_until
+from tests.sync.test_outbox import FAST_REPORTS, FAST_SYNC, all_synced, dx_series, uids
+from tests.waiting import wait_until
 
 DISK_MB = 40
 
