@@ -6,6 +6,12 @@ of ``edge.dicom.service`` and covered by a test that fails if a pynetdicom upgra
 
 - ``receive_file``: the temp file a C-STORE streams into survives a full disk, so the
   modality gets 0xA700 instead of an abort (the full-disk tests in tests/edge/test_bad_input.py).
+  It also stops at ``[storage] max_instance_mb``: the rest of an endless data set is dropped
+  and the C-STORE answered 0xA700 (tests/edge/test_dimse_memory.py).
+- ``assembly``: ``DIMSEMessage.decode_msg`` wrapped so a received message's command set
+  (64 KiB) and in-memory data set (1 MiB; every one but a C-STORE's) cannot grow without
+  bound; past the cap the association is aborted in one line (tests/edge/test_dimse_memory.py
+  streams never-ending C-FIND identifiers and command sets at a running node).
 - ``UID.__deepcopy__`` returns the UID itself: pynetdicom deep-copies thousands of
   presentation-context UIDs per association, re-validating each (36 -> 2 ms).
 - ``connections``: the server decides at TCP accept who gets an association slot

@@ -39,6 +39,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from edge.dicom.assembly import MessageTooLarge
 from edge.dicom.modalities import ModalityDirectory
 from edge.ops.terminal import printable
 
@@ -611,8 +612,12 @@ def _end_broken(assoc: Association, slot: Slot, slots: SlotTable, exc: Exception
         what = ("refused the association request from %s%s (A-ASSOCIATE-RJ)" if negotiating
                 else "closed the connection from %s%s, already aborted" if state == "Sta13"
                 else "aborted the association from %s%s")
-        log.warning("dicom: " + what + ": pynetdicom's %s thread could not go on with what it sent (%s)",
-                    slot.peer, f" ({slot.ae_title})" if slot.ae_title else "", thread, short_exception(exc))
+        ae_title = f" ({slot.ae_title})" if slot.ae_title else ""
+        if isinstance(exc, MessageTooLarge):  # the node's own limit, not pynetdicom's surprise
+            log.warning("dicom: " + what + ": %s", slot.peer, ae_title, exc)
+        else:
+            log.warning("dicom: " + what + ": pynetdicom's %s thread could not go on with what it sent (%s)",
+                        slot.peer, ae_title, thread, short_exception(exc))
     assoc_sock = dul.socket
     raw = cast(socket.socket | None, getattr(assoc_sock, "socket", None))
     if raw is not None and state != "Sta13":

@@ -45,3 +45,12 @@ def accepted_transfer_syntaxes(known: list[str]) -> list[str]:
     first = [ts for ts in (*LOSSLESS_COMPRESSED, *UNCOMPRESSED) if ts in known]
     rest = [ts for ts in known if ts not in first and ts not in NOT_KEPT]
     return first + rest
+
+# The most of one received DIMSE message pynetdicom may assemble in memory. A command set is
+# a few hundred bytes (the largest, a C-FIND-RQ's, well under 1 KiB); a data set held in
+# memory is a C-FIND or C-ECHO identifier (the worklist reads at most 64 KiB of it,
+# edge.dicom.identifier) or a message the node does not serve. A C-STORE's data set goes to
+# a temp file instead, capped by [storage] max_instance_mb (edge.dicom.receive_file).
+# Without a cap, fragments that never say "last" grew the node's memory without limit.
+DIMSE_COMMAND_SET_MAX_BYTES: Final = 64 * 1024
+DIMSE_DATA_SET_MAX_BYTES: Final = 1024 * 1024

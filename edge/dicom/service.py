@@ -33,7 +33,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  
 from pynetdicom.utils import make_target
 
 from edge.config import EdgeConfig
-from edge.dicom import availability, find_responses, receive_file
+from edge.dicom import assembly, availability, find_responses, receive_file
 from edge.dicom.connections import AssociationServer, SlotRequestHandler, SlotTable, slot_of
 from edge.dicom.identifier import read_identifier
 from edge.dicom.modalities import ModalityDirectory
@@ -60,6 +60,7 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 # may be the same object.
 UID.__deepcopy__ = lambda self, memo: self  # type: ignore[method-assign,assignment]
 receive_file.install()  # a disk that fills mid-transfer gets 0xA700, not an abort
+assembly.install()  # a message whose fragments never end is aborted, not held in memory
 find_responses.install()  # a 500-item worklist answer without 500 rebuilt command sets
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU and per-message debug handlers: they cost on every C-FIND answer and P-DATA
@@ -134,6 +135,7 @@ class DicomService:
         # pynetdicom creates its temp file with tempfile; keep it on the spool's filesystem
         # so the rename into place is atomic (and a power cut leaves it where reconcile looks).
         tempfile.tempdir = str(self.spool.tmp)
+        receive_file.set_max_bytes(DecodeLimits.from_storage(self.config.storage).max_bytes)  # no endless temp file
         cfg = self.config.dicom
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
@@ -280,6 +282,7 @@ class DicomService:
     def _on_store(self, event: Any) -> int | Dataset:
         """Keep the instance durably, then answer; every failure gets a DICOM status."""
         calling = _calling(event)
+        too_large = receive_file.passed_max_bytes(event.dataset_path)  # asked first: each is asked once
         if receive_file.ran_out_of_space(event.dataset_path):
             metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
             log.error(
@@ -287,6 +290,12 @@ class DicomService:
                 event.request.AffectedSOPInstanceUID, calling,
             )
             return failure_status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
+        if too_large:
+            metrics.CSTORE_RESULTS.labels("rejected").inc()
+            reason = DecodeLimits.from_storage(self.config.storage).too_large()
+            log.warning("dicom: refused instance %s from %s: %s, dropped while it was received (status 0x%04X)",
+                        event.request.AffectedSOPInstanceUID, calling, reason, STATUS_OUT_OF_RESOURCES)
+            return failure_status(STATUS_OUT_OF_RESOURCES, reason)
         if self.spool.free_mb() < self.config.storage.min_free_mb and self.make_room is not None:
             try:
                 self.make_room()

@@ -1,0 +1,253 @@
+"""A stranger cannot exhaust the node's memory (or disk) with one DIMSE message that never ends.
+
+pynetdicom assembles a DIMSE message's command set and (except a C-STORE's, streamed to a
+temp file) its data set in memory, fragment after fragment, until a fragment says it is the
+last. The sender here is a raw socket: a valid association as the clinic's DR (DR1 from
+loopback, so no per-address cap gets in the way), then P-DATA-TF PDUs as fast as the
+loopback takes them, whose fragments never say "last", about 200 MB of them. The node must
+end the association (A-ABORT, connection closed, one warning line), stay under its memory
+cap, leave nothing in its temp directory and answer the DR's C-ECHO (DCMTK) right after.
+
+A C-STORE whose data set passes ``[storage] max_instance_mb`` is different: its temp file
+stops growing at the cap and, when the data ends, the DR gets 0xA700 with a comment.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom.dimse_messages import C_FIND_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dsutils import decode
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from edge.dicom.const import DIMSE_COMMAND_SET_MAX_BYTES, DIMSE_DATA_SET_MAX_BYTES
+from tests.conftest import EdgeNode
+from tests.edge.helpers import echo_succeeds, temp_files
+from tests.fuzz.conftest import MEMORY_CAP_MB, peak_rss_mb
+
+DR = {"modality_ae": "DR1", "modality_host": "127.0.0.1"}
+WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+SEND_MB = 200
+FRAGMENT = 128 * 1024 - 64  # one P-DATA-TF PDU each, under the node's 256 KiB max_pdu_bytes
+MAX_INSTANCE_MB = 16  # the smallest [storage] max_instance_mb
+MiB = 1 << 20
+
+
+def associate_rq(abstract_syntax: str) -> bytes:
+    """A well-formed A-ASSOCIATE-RQ from DR1 with one presentation context (id 1)."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "DR1"
+    primitive.called_ae_title = "EDGE"
+    context = build_context(abstract_syntax, [EXPLICIT_LE])
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
+    primitive.user_information = [max_length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def p_data(control: int, payload: bytes) -> bytes:
+    """One P-DATA-TF PDU with one fragment (PDV) on context 1; ``control``: PS3.8 E.2 header."""
+    pdv = struct.pack(">LBB", len(payload) + 2, 1, control) + payload
+    return struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv
+
+
+def command_set(message: Any) -> bytes:
+    """The encoded command set of a DIMSE message (its first fragment, which says last)."""
+    fragment = next(iter(message.encode_msg(1, 0))).presentation_data_value_list[0][1]
+    assert fragment[0] & 0x03 == 0x03
+    return bytes(fragment[1:])
+
+
+def find_command() -> bytes:
+    primitive = C_FIND()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = WORKLIST_FIND
+    primitive.Priority = 2
+    primitive.Identifier = BytesIO(b"\x00")
+    message = C_FIND_RQ()
+    message.primitive_to_message(primitive)
+    return command_set(message)
+
+
+def store_command() -> bytes:
+    primitive = C_STORE()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = CR_IMAGE
+    primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.9.9999.12.1"
+    primitive.Priority = 2
+    primitive.DataSet = BytesIO(b"\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    return command_set(message)
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = _read_exactly(sock, 6)
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    return pdu_type, _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, nr_bytes: int) -> bytes:
+    data = b""
+    while len(data) < nr_bytes:
+        got = sock.recv(nr_bytes - len(data))
+        if not got:
+            raise ConnectionError(f"closed after {len(data)} of {nr_bytes} bytes")
+        data += got
+    return data
+
+
+class Sender:
+    """The stranger's connection: associated, then streaming P-DATA-TF as fast as it can."""
+
+    def __init__(self, node: EdgeNode, abstract_syntax: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", node.port), timeout=30)
+        self.sock.sendall(associate_rq(abstract_syntax))
+        pdu_type, body = read_pdu(self.sock)
+        assert pdu_type == 0x02, f"association not accepted (PDU type 0x{pdu_type:02X})"
+        self.sent = 0
+
+    def stream(self, control: int, total: int, first: bytes = b"") -> bool:
+        """Send ``first`` (whole PDUs) then ``total`` bytes of fragments with ``control``; False: the node closed."""
+        pdu = p_data(control, b"\x00" * FRAGMENT)
+        try:
+            if first:
+                self.sock.sendall(first)
+            while self.sent < total:
+                self.sock.sendall(pdu)
+                self.sent += FRAGMENT
+        except OSError:  # reset or broken pipe: the node ended it
+            return False
+        return True
+
+    def answer(self) -> tuple[int, bytes]:
+        """The node's next PDU (type, body)."""
+        self.sock.settimeout(30)
+        return read_pdu(self.sock)
+
+    def aborted(self) -> bool:
+        """Whether the node sent an A-ABORT and closed (what remains unread of our stream aside)."""
+        self.sock.settimeout(30)
+        seen_abort = False
+        try:
+            while True:
+                pdu_type, _ = read_pdu(self.sock)
+                seen_abort = seen_abort or pdu_type == 0x07
+        except (ConnectionError, OSError):
+            return seen_abort
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def dr_node(node_factory: Any) -> Iterator[EdgeNode]:
+    node = node_factory(dicom=DR, storage={"max_instance_mb": MAX_INSTANCE_MB}).start()
+    yield node
+
+
+def wait_until(condition: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def warnings_about_overflow(node: EdgeNode) -> list[str]:
+    return [line for line in node.log_text().splitlines() if "held in memory" in line]
+
+
+def assert_ended_cleanly(node: EdgeNode, sender: Sender, kept_going: bool, what: str) -> None:
+    assert not kept_going, f"the node took all {SEND_MB} MB of a never-ending {what}"
+    assert sender.aborted(), "no A-ABORT before the close"
+    assert sender.sent < SEND_MB * MiB
+    peak = peak_rss_mb(node)
+    assert peak < MEMORY_CAP_MB, f"node peak memory {peak:.0f} MB after {sender.sent / MiB:.0f} MB of a {what}"
+    assert wait_until(lambda: len(warnings_about_overflow(node)) == 1), node.log_text()[-3000:]
+    log = node.log_text()
+    line = warnings_about_overflow(node)[0]
+    assert "WARNING" in line and "127.0.0.1:" in line and "DR1" in line, line
+    assert "Traceback" not in log, log[-3000:]
+    assert temp_files(node) == []
+    assert echo_succeeds(node), "the DR's C-ECHO failed after the stranger"
+
+
+def test_a_c_find_identifier_that_never_ends_is_aborted_at_its_cap(dr_node: EdgeNode) -> None:
+    sender = Sender(dr_node, WORKLIST_FIND)
+    try:
+        kept_going = sender.stream(0x00, SEND_MB * MiB, first=p_data(0x03, find_command()))
+        assert_ended_cleanly(dr_node, sender, kept_going, "C-FIND identifier")
+        assert sender.sent <= DIMSE_DATA_SET_MAX_BYTES + 64 * MiB  # what the sockets' buffers took besides
+        assert "C-FIND-RQ data set" in warnings_about_overflow(dr_node)[0]
+    finally:
+        sender.close()
+
+
+def test_a_command_set_that_never_ends_is_aborted_at_its_cap(dr_node: EdgeNode) -> None:
+    sender = Sender(dr_node, CR_IMAGE)
+    try:
+        kept_going = sender.stream(0x01, SEND_MB * MiB)
+        assert_ended_cleanly(dr_node, sender, kept_going, "command set")
+        assert sender.sent <= DIMSE_COMMAND_SET_MAX_BYTES + 64 * MiB
+        assert "command set" in warnings_about_overflow(dr_node)[0]
+    finally:
+        sender.close()
+
+
+def test_a_c_store_past_max_instance_mb_stops_growing_on_disk_and_is_refused(dr_node: EdgeNode) -> None:
+    """Received bytes past the cap are dropped, the temp file truncated; the DR gets 0xA700 at the end."""
+    largest = [0]
+    done = threading.Event()
+
+    def watch_temp_dir() -> None:
+        while not done.is_set():
+            sizes = [p.stat().st_size for p in temp_files(dr_node) if p.exists()]
+            largest[0] = max([largest[0], *sizes])
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_temp_dir, daemon=True)
+    watcher.start()
+    sender = Sender(dr_node, CR_IMAGE)
+    try:
+        assert sender.stream(0x00, SEND_MB * MiB, first=p_data(0x03, store_command()))
+        sender.sock.sendall(p_data(0x02, b"\x00" * 16))  # the last fragment
+        pdu_type, body = sender.answer()
+        assert pdu_type == 0x04, f"no C-STORE-RSP (PDU type 0x{pdu_type:02X})"
+        response = decode(BytesIO(body[6:]), True, True)
+        assert response.Status == 0xA700
+        assert f"{MAX_INSTANCE_MB} MB" in str(response.ErrorComment)
+    finally:
+        done.set()
+        watcher.join()
+        sender.close()
+    assert largest[0] <= MAX_INSTANCE_MB * MiB + 64 * 1024, f"temp file grew to {largest[0] / MiB:.0f} MB"
+    peak = peak_rss_mb(dr_node)
+    assert peak < MEMORY_CAP_MB, f"node peak memory {peak:.0f} MB"
+    assert wait_until(lambda: temp_files(dr_node) == [])
+    refusals = [line for line in dr_node.log_text().splitlines() if "refused instance" in line]
+    assert len(refusals) == 1 and "max_instance_mb" in refusals[0], refusals
+    assert "Traceback" not in dr_node.log_text()
+    assert echo_succeeds(dr_node)
