@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,15 @@ import serial
 import serial_asyncio
 from peewee import DatabaseError
 
-from edge.store.spool import KeptInstance, RejectedInstance, Spool, is_out_of_space, keep_instance
+from edge.store.spool import (
+    InstanceHeader,
+    KeptInstance,
+    RejectedInstance,
+    Spool,
+    is_out_of_space,
+    keep_instance,
+    read_header,
+)
 from edge.store.walk import DecodeLimits
 from firmware_bridge import boxes
 from firmware_bridge.config import BridgeSection
@@ -51,6 +60,7 @@ log = logging.getLogger(__name__)
 STATUS_WRITE_EVERY_S = 10.0  # unchanged STATUS is written this seldom (SD-card wear)
 DB_ERROR_LOG_EVERY_S = 60.0  # a full disk fails bookkeeping writes again and again: say so this seldom
 BAD_INPUT_LOG_EVERY_S = 60.0  # a box sending bad messages by the thousand gets one log line this often
+REFUSED_REMEMBERED = 64  # recordings answered NAK UNSUPPORTED that a re-offer is refused again without a rebuild
 
 
 class PortGone(Exception):
@@ -59,6 +69,16 @@ class PortGone(Exception):
 
 class NotKept(Exception):
     """A finished recording the node cannot keep now (disk full): the box is told NAK STORAGE."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NeverKept(Exception):
+    """A finished recording the node will never accept as it is (over the ``[storage]`` decode
+    limits, malformed): the box is told NAK UNSUPPORTED. NAK STORAGE would have it offer the
+    same recording every 30 s for ever."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -125,6 +145,7 @@ class BoxSession:
         self._refused: bytes | None = None  # the last HELLO refused; cleared by a good one, silence or a replug
         self._refused_box = ""  # its box id, when it had one
         self._bad_input_logged: dict[str, float] = {}  # kind of bad input -> when last logged
+        self._refused_recordings: OrderedDict[tuple[str, int], str] = OrderedDict()  # (box, rec_id) -> reason
 
     async def run(self) -> None:
         """Open, talk, and on any loss of the port wait (backing off) and open again."""
@@ -327,6 +348,15 @@ class BoxSession:
     async def _on_rec_end(self, frame: Frame, end: RecEnd) -> None:
         assert self.hello is not None
         rec = self._recording
+        refused = self._refused_recordings.get((self.hello.box_id, end.rec_id))
+        if refused is not None:  # offered again after NAK UNSUPPORTED (a box that did not listen): the same answer
+            self.stats.refused_recordings += 1
+            if rec is not None and rec.rec_id == end.rec_id:  # resent whole: its row was reopened
+                self._recording = None
+                await self._note("the recording's state", boxes.recording_finished, self.hello.box_id, rec.rec_id,
+                                 "failed", samples=rec.received, lost_frames=rec.lost_frames, detail=refused)
+            self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.UNSUPPORTED, end.rec_id).pack())
+            return
         if rec is None or rec.rec_id != end.rec_id:
             known = await asyncio.to_thread(_already_kept, self.hello.box_id, end.rec_id)
             if known:  # our ACK was lost: say it again
@@ -341,11 +371,16 @@ class BoxSession:
             if missing:  # HELLO.parse refuses such a box; should one get here, no retry can help
                 raise MissingLeads(missing)
             kept = await asyncio.to_thread(self._keep, rec, end)
-        except MissingLeads as exc:  # never storable: NAK STORAGE would have the box offer it for ever
+        except (MissingLeads, NeverKept) as exc:  # never storable: NAK STORAGE would have the box offer it for ever
+            reason = exc.reason if isinstance(exc, NeverKept) else str(exc)
             self.stats.refused_recordings += 1
-            log.error("bridge: box %s recording %d refused: %s; answered NAK UNSUPPORTED", box_id, rec.rec_id, exc)
+            self._refused_recordings[(box_id, rec.rec_id)] = reason
+            while len(self._refused_recordings) > REFUSED_REMEMBERED:
+                self._refused_recordings.popitem(last=False)
+            log.error("bridge: box %s recording %d refused: %s; answered NAK UNSUPPORTED: the box is not to offer "
+                      "it again", box_id, rec.rec_id, reason)
             await self._note("the recording's state", boxes.recording_finished, box_id, rec.rec_id, "failed",
-                             samples=rec.received, lost_frames=rec.lost_frames, detail=str(exc))
+                             samples=rec.received, lost_frames=rec.lost_frames, detail=reason)
             self._send(Msg.NAK, NakMsg(frame.type, frame.seq, Nak.UNSUPPORTED, end.rec_id).pack())
             return
         except Exception as exc:  # whatever it was, the box must hear it and keep the recording
@@ -385,7 +420,8 @@ class BoxSession:
         path = Path(name)
         try:
             write_ecg(ds, path)
-            kept = keep_instance(self.spool, path, calling_aet="", source="ecg", limits=self.limits)
+            header = _header_within_limits(path, self.limits)
+            kept = keep_instance(self.spool, path, calling_aet="", source="ecg", header=header, limits=self.limits)
         finally:
             try:  # gone already once kept (renamed into the spool); half-written otherwise
                 path.unlink(missing_ok=True)
@@ -446,6 +482,22 @@ class BoxSession:
         if self.hello is not None:
             await self._note("the box's state", boxes.note_disconnected, self.hello.box_id)
             self.hello = None
+
+
+def _header_within_limits(path: Path, limits: DecodeLimits | None) -> InstanceHeader:
+    """keep_instance's own header check, done first so that its refusals can be told apart.
+
+    What the file *is* (over the decode limits, malformed, a bad UID) will not change however
+    often the box offers it: NeverKept, NAK UNSUPPORTED. keep_instance answers a disk that is
+    full with the same 0xA700 as an instance over the limits, so it is handed this header and
+    whatever it still raises is the disk's doing: NAK STORAGE, offered again later.
+    """
+    try:
+        return read_header(path, limits)
+    except RejectedInstance as exc:
+        if isinstance(exc.__context__, OSError):  # could not read back what we just wrote: the disk, not the ECG
+            raise
+        raise NeverKept(exc.reason) from None
 
 
 def _already_kept(box_id: str, rec_id: int) -> bool:

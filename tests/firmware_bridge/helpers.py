@@ -74,7 +74,9 @@ class SessionBox:
         return self.say(Msg.REC_END, RecEnd(rec_id, n).pack()) if end else []
 
 
-def box_session(tmp_path: Path, store: Spool) -> BoxSession:
-    """A session as the bridge makes one per port, with nothing on the port: frames come from a SessionBox."""
+def box_session(tmp_path: Path, store: Spool, **kwargs: Any) -> BoxSession:
+    """A session as the bridge makes one per port, with nothing on the port: frames come from a SessionBox.
+
+    ``kwargs``: BoxSession's keyword arguments (``limits``, ``min_free_mb`` …)."""
     config = bridge_config(tmp_path, tmp_path / "no-port")
-    return BoxSession("/dev/ttyECG0", config.bridge, store, "Test Clinic", "edge-test")
+    return BoxSession("/dev/ttyECG0", config.bridge, store, "Test Clinic", "edge-test", **kwargs)
