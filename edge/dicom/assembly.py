@@ -8,10 +8,14 @@ deadlines (edge.dicom.connections) do not stop a fast sender.
 
 ``DIMSEMessage.decode_msg`` (a pynetdicom internal, hence ``pynetdicom>=3.0,<3.1``) is
 wrapped so both buffers refuse to grow past ``DIMSE_COMMAND_SET_MAX_BYTES`` and
-``DIMSE_DATA_SET_MAX_BYTES``: the write raises :class:`MessageTooLarge` before the bytes
+``DIMSE_DATA_SET_MAX_BYTES``: the write raises :class:`AssemblyLimitPassed` before the bytes
 are copied. It runs in the association's DUL thread, inside the state machine, whose
 exception ends the association through ``connections._end_broken``: an A-ABORT, the
 connection closed, the slot given back, one warning line naming the peer.
+
+The same wrapper refuses a new message while ``DIMSE_MESSAGES_WAITING_MAX`` complete ones
+wait for the association's thread: a peer that streams requests without waiting for the
+answers otherwise queued them without limit (pynetdicom's ``msg_queue``).
 tests/edge/test_dimse_memory.py streams never-ending messages at a running node.
 """
 
@@ -23,11 +27,11 @@ from typing import Any
 
 from pynetdicom import dimse_messages
 
-from edge.dicom.const import DIMSE_COMMAND_SET_MAX_BYTES, DIMSE_DATA_SET_MAX_BYTES
+from edge.dicom.const import DIMSE_COMMAND_SET_MAX_BYTES, DIMSE_DATA_SET_MAX_BYTES, DIMSE_MESSAGES_WAITING_MAX
 
 
-class MessageTooLarge(Exception):
-    """A received DIMSE message grew past what the node holds in memory; the text fits a log line."""
+class AssemblyLimitPassed(Exception):
+    """A peer passed what the node holds in memory for it (a message, or requests waiting); the text fits a log line."""
 
 
 class _CappedBuffer(BytesIO):
@@ -41,14 +45,14 @@ class _CappedBuffer(BytesIO):
 
     def write(self, data: Any) -> int:
         if self.tell() + len(data) > self.limit:
-            raise MessageTooLarge(f"its {self.what()} passed {self.limit // 1024} KiB, the most held in memory")
+            raise AssemblyLimitPassed(f"its {self.what()} passed {self.limit // 1024} KiB, the most held in memory")
         return super().write(data)
 
 
 def _message_name(message: Any) -> str:
-    """C-FIND-RQ, once the command set has told; before that, only that it is a DIMSE message."""
+    """C-FIND-RQ, once the command set has told; before that, a data set without a command set."""
     name = type(message).__name__
-    return "DIMSE message" if name == "DIMSEMessage" else name.replace("_", "-")
+    return "data set without a command set" if name == "DIMSEMessage" else name.replace("_", "-") + " data set"
 
 
 _original_decode_msg = dimse_messages.DIMSEMessage.decode_msg
@@ -56,13 +60,23 @@ _original_decode_msg = dimse_messages.DIMSEMessage.decode_msg
 
 def _decode_msg_capped(self: Any, primitive: Any, assoc: Any = None) -> bool:
     """pynetdicom's ``decode_msg``, with both of the message's buffers capped."""
-    if type(self.encoded_command_set) is BytesIO:
+    if type(self.encoded_command_set) is BytesIO:  # the first fragments of a new message
+        waiting = _waiting(assoc)
+        if waiting >= DIMSE_MESSAGES_WAITING_MAX:
+            raise AssemblyLimitPassed(f"it sent {waiting} more requests without waiting for the answers")
         self.encoded_command_set = _CappedBuffer(self.encoded_command_set.getvalue(), DIMSE_COMMAND_SET_MAX_BYTES,
                                                  lambda: "command set")
     if type(self.data_set) is BytesIO:
         self.data_set = _CappedBuffer(self.data_set.getvalue(), DIMSE_DATA_SET_MAX_BYTES,
-                                      lambda: f"{_message_name(self)} data set")
+                                      lambda: _message_name(self))
     return bool(_original_decode_msg(self, primitive, assoc))
+
+
+def _waiting(assoc: Any) -> int:
+    """Complete messages the association's thread has not taken yet."""
+    dimse = getattr(assoc, "dimse", None)
+    queue = getattr(dimse, "msg_queue", None)
+    return int(queue.qsize()) if queue is not None else 0
 
 
 def install() -> None:

@@ -21,6 +21,11 @@ The clinic LAN is shared, so a stranger must not be able to hold the DR out:
   association (DUL reactor or association) that raises ends it here (``_end_broken``): an
   A-ASSOCIATE-RJ while negotiating, else an A-ABORT, the connection closed, the slot given
   back, one warning line with the peer's address and no traceback.
+- No PDU may be longer than the node can afford to hold: a P-DATA-TF no longer than the
+  ``max_pdu_bytes`` we announced (and some slack), any other PDU ``OTHER_PDU_MAX_BYTES``.
+  A longer one is refused from its header (A-ABORT or A-ASSOCIATE-RJ, a close, one line):
+  the reader used to buffer whatever length the peer wrote, and one 200 MB P-DATA-TF took
+  the node from 75 to 875 MB while pynetdicom decoded it.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from edge.dicom.assembly import MessageTooLarge
+from edge.dicom.assembly import AssemblyLimitPassed
 from edge.dicom.modalities import ModalityDirectory
 from edge.ops.terminal import printable
 
@@ -245,6 +250,14 @@ class RefusalLog:
 # A PDU's length comes from the peer: buffer at most this much ahead of the bytes that have
 # actually arrived, so a broken or hostile length field (up to 4 GiB) costs no memory.
 _RECV_GROW_BYTES = 1 << 20
+# A P-DATA-TF may be this much longer than the max_pdu_bytes we announced (a peer counting
+# the header or the PDV lengths in, or off by a few bytes), and with max_pdu_bytes 0 ("no
+# limit") as long as the largest max_pdu_bytes the config allows.
+PDATA_SLACK_BYTES = 64 * 1024
+PDATA_UNLIMITED_BYTES = 16 * 1024 * 1024
+# Any other PDU: an A-ASSOCIATE-RQ with every storage SOP class in every transfer syntax is
+# well under 64 KiB; A-RELEASE and A-ABORT are 4 bytes.
+OTHER_PDU_MAX_BYTES = 1024 * 1024
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 # Set in a DUL thread whose read we cut short: pynetdicom's own complaint about the short
 # PDU that follows says nothing our line did not (see _QuietAfterOurClose).
@@ -265,8 +278,9 @@ class PduReader:
     """
 
     def __init__(self, assoc_sock: AssociationSocket, slot: Slot, first_pdu_s: float, pdu_s: float,
-                 on_closed: Callable[[Slot], None]) -> None:
+                 on_closed: Callable[[Slot], None], max_pdu_bytes: int = 0) -> None:
         self.sock = cast(socket.socket, assoc_sock.socket)
+        self.max_pdata_bytes = (max_pdu_bytes or PDATA_UNLIMITED_BYTES) + PDATA_SLACK_BYTES
         self.slot = slot
         self.on_closed = on_closed
         self.pdu_s = pdu_s
@@ -290,6 +304,10 @@ class PduReader:
             if header and nr_bytes == 6:
                 pdu_type, _, length = struct.unpack(">BBL", data)
                 if pdu_type in _PDU_TYPES:
+                    if length > (self.max_pdata_bytes if pdu_type == 0x04 else OTHER_PDU_MAX_BYTES):
+                        self._refuse_too_long(pdu_type, length)
+                        del data[:]  # pynetdicom reads a short header as the connection closing
+                        return data
                     self._body_expected = length
             if not header:
                 self._first = False
@@ -331,6 +349,25 @@ class PduReader:
                 sock.settimeout(self.pdu_s)
         del buffer[nr_read:]
         return buffer
+
+    def _refuse_too_long(self, pdu_type: int, length: int) -> None:
+        """A PDU longer than we would hold: answer (RJ while negotiating, else A-ABORT), close, one line."""
+        already = self.slot.closed_by_us
+        self.slot.broken = True  # pynetdicom's own lines about the close are not needed
+        _cut_short.active = True
+        if not already:
+            limit = self.max_pdata_bytes if pdu_type == 0x04 else OTHER_PDU_MAX_BYTES
+            log.warning("dicom: %s the connection from %s%s: a PDU (type 0x%02X) of %d bytes, longer than the %d "
+                        "the node accepts (max_pdu_bytes)", "refused" if self._first else "aborted",
+                        self.slot.peer, f" ({self.slot.ae_title})" if self.slot.ae_title else "", pdu_type, length,
+                        limit)
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(1.0)  # a peer that does not read gets no more of our time
+            self.sock.sendall(_ASSOCIATE_RJ_BROKEN if self._first else _ABORT)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.slot.gone = True
+        self.on_closed(self.slot)
 
     def _missed_deadline(self, nr_read: int, nr_bytes: int) -> None:
         with contextlib.suppress(OSError):
@@ -495,9 +532,10 @@ class AssociationServer(ThreadedAssociationServer):
     first_pdu_s: float
     pdu_s: float
 
-    def setup_slots(self, slots: SlotTable, first_pdu_s: float, pdu_s: float) -> None:
+    def setup_slots(self, slots: SlotTable, first_pdu_s: float, pdu_s: float, max_pdu_bytes: int = 0) -> None:
         self.slots, self.refusals = slots, RefusalLog()
         self.first_pdu_s, self.pdu_s = first_pdu_s, pdu_s
+        self.max_pdu_bytes = max_pdu_bytes
         self._pending: dict[int, Slot] = {}
         self._pending_lock = threading.Lock()
 
@@ -551,7 +589,8 @@ class SlotRequestHandler(RequestHandler):
         if slot is None or sock is None:
             return assoc
         assoc._edge_slot = slot  # type: ignore[attr-defined]
-        sock.recv = PduReader(sock, slot, server.first_pdu_s, server.pdu_s, server.slots.ending)  # type: ignore[method-assign]
+        sock.recv = PduReader(sock, slot, server.first_pdu_s, server.pdu_s, server.slots.ending,  # type: ignore[method-assign]
+                              server.max_pdu_bytes)
         with contextlib.suppress(OSError):  # our answers go out as written, not held for an ACK
             cast(socket.socket, sock.socket).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         state_machine = assoc.dul.state_machine
@@ -613,7 +652,7 @@ def _end_broken(assoc: Association, slot: Slot, slots: SlotTable, exc: Exception
                 else "closed the connection from %s%s, already aborted" if state == "Sta13"
                 else "aborted the association from %s%s")
         ae_title = f" ({slot.ae_title})" if slot.ae_title else ""
-        if isinstance(exc, MessageTooLarge):  # the node's own limit, not pynetdicom's surprise
+        if isinstance(exc, AssemblyLimitPassed):  # the node's own limit, not pynetdicom's surprise
             log.warning("dicom: " + what + ": %s", slot.peer, ae_title, exc)
         else:
             log.warning("dicom: " + what + ": pynetdicom's %s thread could not go on with what it sent (%s)",

@@ -54,3 +54,8 @@ def accepted_transfer_syntaxes(known: list[str]) -> list[str]:
 # Without a cap, fragments that never say "last" grew the node's memory without limit.
 DIMSE_COMMAND_SET_MAX_BYTES: Final = 64 * 1024
 DIMSE_DATA_SET_MAX_BYTES: Final = 1024 * 1024
+# Received requests waiting for the association's thread to answer them. The node negotiates
+# no asynchronous operations, so a peer must wait for each answer before its next request: a
+# modality has one waiting at most. A peer streaming requests (and reading the answers) faster
+# than they are answered queued them without limit: 100 MB of C-ECHO-RQs took 450 MB.
+DIMSE_MESSAGES_WAITING_MAX: Final = 8

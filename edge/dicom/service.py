@@ -155,7 +155,8 @@ class DicomService:
             server_class=AssociationServer,
             request_handler=SlotRequestHandler,
         ))
-        server.setup_slots(self.slots, first_pdu_s=ae.acse_timeout, pdu_s=cfg.network_timeout_s)
+        server.setup_slots(self.slots, first_pdu_s=ae.acse_timeout, pdu_s=cfg.network_timeout_s,
+                           max_pdu_bytes=cfg.max_pdu_bytes)
         name = f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}"
         self._server_thread = threading.Thread(target=make_target(server.serve_forever), name=name, daemon=True)
         self._server_thread.start()

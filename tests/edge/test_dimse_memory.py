@@ -8,6 +8,10 @@ loopback takes them, whose fragments never say "last", about 200 MB of them. The
 end the association (A-ABORT, connection closed, one warning line), stay under its memory
 cap, leave nothing in its temp directory and answer the DR's C-ECHO (DCMTK) right after.
 
+Two neighbours of the same attack end the same way: one P-DATA-TF PDU announcing 200 MB
+(the node used to buffer all of it, then decode it: 875 MB), and C-ECHO-RQs streamed without
+waiting for the answers (each queued for the association's thread: 100 MB took 450 MB).
+
 A C-STORE whose data set passes ``[storage] max_instance_mb`` is different: its temp file
 stops growing at the cap and, when the data ends, the DR gets 0xA700 with a comment.
 """
@@ -20,24 +24,24 @@ import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom.dimse_messages import C_FIND_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
 from edge.dicom.const import DIMSE_COMMAND_SET_MAX_BYTES, DIMSE_DATA_SET_MAX_BYTES
+from edge.dicom.connections import PDATA_SLACK_BYTES
 from tests.conftest import EdgeNode
 from tests.edge.helpers import echo_succeeds, temp_files
 from tests.fuzz.conftest import MEMORY_CAP_MB, peak_rss_mb
 
 DR = {"modality_ae": "DR1", "modality_host": "127.0.0.1"}
+VERIFICATION = "1.2.840.10008.1.1"
 WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -102,6 +106,15 @@ def store_command() -> bytes:
     return command_set(message)
 
 
+def echo_command() -> bytes:
+    primitive = C_ECHO()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = VERIFICATION
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return command_set(message)
+
+
 def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     header = _read_exactly(sock, 6)
     pdu_type, _, length = struct.unpack(">BBL", header)
@@ -124,19 +137,20 @@ class Sender:
     def __init__(self, node: EdgeNode, abstract_syntax: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", node.port), timeout=30)
         self.sock.sendall(associate_rq(abstract_syntax))
-        pdu_type, body = read_pdu(self.sock)
+        pdu_type, _ = read_pdu(self.sock)
         assert pdu_type == 0x02, f"association not accepted (PDU type 0x{pdu_type:02X})"
         self.sent = 0
 
-    def stream(self, control: int, total: int, first: bytes = b"") -> bool:
-        """Send ``first`` (whole PDUs) then ``total`` bytes of fragments with ``control``; False: the node closed."""
-        pdu = p_data(control, b"\x00" * FRAGMENT)
+    def stream(self, control: int, total: int, first: bytes = b"", block: bytes | None = None) -> bool:
+        """Send ``first`` then ``block`` (by default one PDU of fragments with ``control``) until ``total``
+        bytes are sent; False: the node closed."""
+        block = p_data(control, b"\x00" * FRAGMENT) if block is None else block
         try:
             if first:
                 self.sock.sendall(first)
             while self.sent < total:
-                self.sock.sendall(pdu)
-                self.sent += FRAGMENT
+                self.sock.sendall(block)
+                self.sent += len(block)
         except OSError:  # reset or broken pipe: the node ended it
             return False
         return True
@@ -176,19 +190,21 @@ def wait_until(condition: Any, timeout: float = 20.0) -> bool:
     return condition()
 
 
-def warnings_about_overflow(node: EdgeNode) -> list[str]:
-    return [line for line in node.log_text().splitlines() if "held in memory" in line]
+def warnings_about_overflow(node: EdgeNode, says: str = "held in memory") -> list[str]:
+    return [line for line in node.log_text().splitlines() if says in line]
 
 
-def assert_ended_cleanly(node: EdgeNode, sender: Sender, kept_going: bool, what: str) -> None:
+def assert_ended_cleanly(node: EdgeNode, sender: Sender, kept_going: bool, what: str,
+                         says: str = "held in memory") -> None:
     assert not kept_going, f"the node took all {SEND_MB} MB of a never-ending {what}"
     assert sender.aborted(), "no A-ABORT before the close"
     assert sender.sent < SEND_MB * MiB
     peak = peak_rss_mb(node)
     assert peak < MEMORY_CAP_MB, f"node peak memory {peak:.0f} MB after {sender.sent / MiB:.0f} MB of a {what}"
-    assert wait_until(lambda: len(warnings_about_overflow(node)) == 1), node.log_text()[-3000:]
+    assert wait_until(lambda: len(warnings_about_overflow(node, says)) == 1), node.log_text()[-3000:]
     log = node.log_text()
-    line = warnings_about_overflow(node)[0]
+    assert len([line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]) == 1, log[-3000:]
+    line = warnings_about_overflow(node, says)[0]
     assert "WARNING" in line and "127.0.0.1:" in line and "DR1" in line, line
     assert "Traceback" not in log, log[-3000:]
     assert temp_files(node) == []
@@ -213,6 +229,48 @@ def test_a_command_set_that_never_ends_is_aborted_at_its_cap(dr_node: EdgeNode) 
         assert_ended_cleanly(dr_node, sender, kept_going, "command set")
         assert sender.sent <= DIMSE_COMMAND_SET_MAX_BYTES + 64 * MiB
         assert "command set" in warnings_about_overflow(dr_node)[0]
+    finally:
+        sender.close()
+
+
+def test_one_p_data_pdu_longer_than_max_pdu_bytes_is_aborted_from_its_header(dr_node: EdgeNode) -> None:
+    sender = Sender(dr_node, CR_IMAGE)
+    try:
+        length = SEND_MB * MiB
+        header = struct.pack(">BBL", 0x04, 0x00, length + 6) + struct.pack(">LBB", length + 2, 1, 0x00)
+        kept_going = sender.stream(0x00, SEND_MB * MiB, first=header, block=b"\x00" * MiB)
+        assert_ended_cleanly(dr_node, sender, kept_going, "P-DATA-TF PDU", says="longer than the")
+        assert f"longer than the {256 * 1024 + PDATA_SLACK_BYTES} the node accepts" in dr_node.log_text()
+    finally:
+        sender.close()
+
+
+def test_requests_streamed_without_waiting_for_answers_are_aborted(dr_node: EdgeNode) -> None:
+    """Answers read as they come (a thread drains them), requests sent as fast as the node reads."""
+    sender = Sender(dr_node, VERIFICATION)
+    answers = [0]
+
+    def read_answers() -> None:
+        try:
+            while got := sender.sock.recv(1 << 20):
+                answers[0] += len(got)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=read_answers, daemon=True)
+    reader.start()
+    try:
+        kept_going = sender.stream(0x03, SEND_MB * MiB, block=p_data(0x03, echo_command()) * 1000)
+        reader.join(30)
+        assert not reader.is_alive(), "the node did not close the connection"
+        assert not kept_going, f"the node took all {SEND_MB} MB of requests"
+        peak = peak_rss_mb(dr_node)
+        assert peak < MEMORY_CAP_MB, f"node peak memory {peak:.0f} MB after {sender.sent / MiB:.0f} MB of requests"
+        assert wait_until(lambda: len(warnings_about_overflow(dr_node, "without waiting for the answers")) == 1)
+        line = warnings_about_overflow(dr_node, "without waiting for the answers")[0]
+        assert "WARNING" in line and "127.0.0.1:" in line and "DR1" in line, line
+        assert "Traceback" not in dr_node.log_text()
+        assert echo_succeeds(dr_node)
     finally:
         sender.close()
 
