@@ -10,8 +10,11 @@ of ``edge.dicom.service`` and covered by a test that fails if a pynetdicom upgra
   and the C-STORE answered 0xA700 (tests/edge/test_dimse_memory.py).
 - ``assembly``: ``DIMSEMessage.decode_msg`` wrapped so a received message's command set
   (64 KiB) and in-memory data set (1 MiB; every one but a C-STORE's) cannot grow without
-  bound; past the cap the association is aborted in one line (tests/edge/test_dimse_memory.py
-  streams never-ending C-FIND identifiers and command sets at a running node).
+  bound, and a peer with ``DIMSE_MESSAGES_WAITING_MAX`` requests in pynetdicom's
+  ``msg_queue`` cannot add more; past either the association is aborted in one line
+  (tests/edge/test_dimse_memory.py streams never-ending C-FIND identifiers and command sets,
+  and pipelined C-ECHO-RQs, at a running node). ``PduReader`` likewise refuses a PDU longer
+  than ``max_pdu_bytes`` from its header (same test file).
 - ``UID.__deepcopy__`` returns the UID itself: pynetdicom deep-copies thousands of
   presentation-context UIDs per association, re-validating each (36 -> 2 ms).
 - ``connections``: the server decides at TCP accept who gets an association slot
