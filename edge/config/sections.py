@@ -36,7 +36,7 @@ class DicomSection(Section):
     require_called_aet: bool = True
     max_pdu_bytes: int = Field(default=262144, ge=0, le=16777216)
     max_associations: int = Field(default=8, ge=1, le=64)
-    # A peer that is not a configured modality holds at most this many per address (edge.dicom.connections).
+    # A peer that is not a configured modality holds at most this many per address (edge.dicom.slots).
     max_associations_per_host: int = Field(default=2, ge=1, le=64)
     network_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     # The clinic's DR, for `edge doctor` (C-ECHO); "" host = not configured.

@@ -13,15 +13,16 @@ of ``edge.dicom.service`` and covered by a test that fails if a pynetdicom upgra
   bound, and a peer with ``DIMSE_MESSAGES_WAITING_MAX`` requests in pynetdicom's
   ``msg_queue`` cannot add more; past either the association is aborted in one line
   (tests/edge/test_dimse_memory.py streams never-ending C-FIND identifiers and command sets,
-  and pipelined C-ECHO-RQs, at a running node). ``PduReader`` likewise refuses a PDU longer
-  than ``max_pdu_bytes`` from its header (same test file).
+  and pipelined C-ECHO-RQs, at a running node). ``PduReader`` (``pdu_reader``) likewise refuses a
+  PDU longer than ``max_pdu_bytes`` from its header (same test file).
 - ``UID.__deepcopy__`` returns the UID itself: pynetdicom deep-copies thousands of
   presentation-context UIDs per association, re-validating each (36 -> 2 ms).
 - ``connections``: the server decides at TCP accept who gets an association slot
-  (``verify_request``), the association's thread gives it back (its ``run`` wrapped), and
-  ``PduReader`` replaces ``AssociationSocket.recv``: a few large reads instead of 4 KiB
-  pieces, a deadline for every PDU, ACK at once (TCP_QUICKACK) and send without Nagle
-  (TCP_NODELAY): DCMTK's split header/body writes otherwise wait ~40 ms for a delayed ACK.
+  (``verify_request``, ``slots.SlotTable``), the association's thread gives it back (its
+  ``run`` wrapped), and ``pdu_reader.PduReader`` replaces ``AssociationSocket.recv``: a few
+  large reads instead of 4 KiB pieces, a deadline for every PDU, ACK at once (TCP_QUICKACK)
+  and send without Nagle (TCP_NODELAY): DCMTK's split header/body writes otherwise wait
+  ~40 ms for a delayed ACK.
   Every ingest test reads through it; test_bad_input.py sends it broken PDUs and absurd
   lengths, tests/edge/test_dr_not_held_out.py stalls it.
 - ``connections``, a thread that raises: ``Association.run`` and ``DULServiceProvider.run``
@@ -33,7 +34,7 @@ of ``edge.dicom.service`` and covered by a test that fails if a pynetdicom upgra
   and ``StateMachine.transition`` and fires ``EVT_CONN_CLOSE`` as pynetdicom's own close
   does (tests/fuzz/test_pdu_fuzz.py: ``test_pipelined_p_data_for_an_unproposed_context_gives_its_slot_back``,
   ``test_requests_pynetdicom_cannot_take_end_cleanly_in_one_line``).
-- ``connections``, logging filters on pynetdicom's loggers (they match its message texts):
+- ``peer_log``, logging filters on pynetdicom's loggers (they match its message texts):
   the traceback it logs for every PDU it cannot decode becomes one line with the peer, its
   "Unknown PDU type" line once per connection, the state machine's lines before it
   re-raises are left to the wrapper above, and at most ``LINES_PER_CONNECTION`` lines per

@@ -4,7 +4,7 @@ pynetdicom collects a message's command set, and every data set but a C-STORE's 
 to a temp file, edge.dicom.receive_file), in a ``BytesIO``, fragment after fragment, until
 a fragment says it is the last. A peer whose fragments never say so grew the node's memory
 by whatever it sent: a C-FIND at LAN speed took a gigabyte in seconds, and the per-PDU
-deadlines (edge.dicom.connections) do not stop a fast sender.
+deadlines (edge.dicom.pdu_reader) do not stop a fast sender.
 
 ``DIMSEMessage.decode_msg`` (a pynetdicom internal, hence ``pynetdicom>=3.0,<3.1``) is
 wrapped so both buffers refuse to grow past ``DIMSE_COMMAND_SET_MAX_BYTES`` and

@@ -67,7 +67,7 @@ _config.LOG_HANDLER_LEVEL = "none"  # no per-PDU and per-message debug handlers:
 _config.LOG_RESPONSE_IDENTIFIERS = False
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 # pydicom says a malformed value (a peer's UID) twice: on its logger, budgeted per connection in
-# edge.dicom.connections, and as a UserWarning on stderr, unbudgeted and with the peer's bytes.
+# edge.dicom.peer_log, and as a UserWarning on stderr, unbudgeted and with the peer's bytes.
 warnings.filterwarnings("ignore", message=r".*(Invalid value for VR|allowed for VR)", category=UserWarning)
 
 OnKept = Callable[[KeptInstance], None]
@@ -112,7 +112,7 @@ class DicomService:
         cfg = self.config.dicom
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = cfg.max_pdu_bytes
-        # The slots are counted at TCP accept (edge.dicom.connections); pynetdicom's own count
+        # The slots are counted at TCP accept (edge.dicom.slots); pynetdicom's own count
         # also sees threads that are just ending, so its limit is only a backstop.
         ae.maximum_associations = SlotTable.hard_limit_for(cfg.max_associations)
         ae.network_timeout = cfg.network_timeout_s

@@ -35,7 +35,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotific
 from pynetdicom.presentation import build_context
 
 from edge.dicom.const import DIMSE_COMMAND_SET_MAX_BYTES, DIMSE_DATA_SET_MAX_BYTES
-from edge.dicom.connections import PDATA_SLACK_BYTES
+from edge.dicom.pdu_reader import PDATA_SLACK_BYTES
 from tests.conftest import EdgeNode
 from tests.edge.helpers import echo_succeeds, temp_files
 from tests.fuzz.conftest import MEMORY_CAP_MB, peak_rss_mb
