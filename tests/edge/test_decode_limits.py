@@ -132,7 +132,8 @@ def test_the_ecg_bridge_keeps_recordings_under_the_configured_limits(tmp_path: P
         assert [s.limits for s in sessions] == [DecodeLimits.from_storage(config.storage)]
         assert sessions[0].limits.max_elements == 5000  # type: ignore[union-attr]
 
-        # A session under limits that a 12-lead ECG exceeds refuses it as C-STORE would.
+        # A session under limits that a 12-lead ECG exceeds refuses it as C-STORE would, and
+        # tells the box not to offer it again (NAK UNSUPPORTED: it will never fit).
         session = BoxSession("test-port", config.bridge, spool, limits=DecodeLimits(max_elements=10))
         sent = bytearray()
         session._writer = type("W", (), {"write": lambda self, data: sent.extend(data)})()  # type: ignore[assignment]
@@ -147,7 +148,8 @@ def test_the_ecg_bridge_keeps_recordings_under_the_configured_limits(tmp_path: P
                 await session._on_frame(Frame(1, kind, seq, payload))
 
         asyncio.run(feed())
-        assert session.stats.kept == [] and session.stats.not_kept == 1
+        assert session.stats.kept == [] and session.stats.refused_recordings == 1
+        assert session.stats.not_kept == 0  # not "disk full, offer it again later"
         assert spool_files_of(config.data_dir) == []
     finally:
         database.close()
