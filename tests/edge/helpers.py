@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, build_context
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 
 from tests.conftest import DCMTK, EdgeNode
 
@@ -91,3 +93,26 @@ def spool_files(node: EdgeNode) -> list[Path]:
 def temp_files(node: EdgeNode) -> list[Path]:
     tmp = node.data_dir / "tmp"
     return sorted(p for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else []
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def associate_rq(called: str = "EDGE", calling: str = "STRANGER", abstract_syntax: str = VERIFICATION,
+                 transfer_syntaxes: list[str] | None = None) -> bytes:
+    """A well-formed A-ASSOCIATE-RQ with one presentation context (id 1), as any DICOM tool would send."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    context = build_context(abstract_syntax, transfer_syntaxes)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
+    primitive.user_information = [max_length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())

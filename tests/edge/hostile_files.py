@@ -17,27 +17,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-from tests.dicom_factory import DX_STORAGE
+from tests.dicom_factory import DX_STORAGE, dx_header
 
 MiB = 1 << 20
-
-
-def _header(study_uid: str | None, sop_uid: str, rows: int = 512, cols: int = 512) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = DX_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "P0001"
-    ds.AccessionNumber = "ACC0001"
-    ds.StudyDate = "20261123"
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    return ds
 
 
 def _encoded(ds: Dataset) -> bytes:
@@ -62,7 +44,7 @@ def _write_part10(path: Path, sop_uid: str, transfer_syntax: str, body_chunks: l
 def write_deflate_bomb(path: Path, inflated_bytes: int = 512 * MiB, study_uid: str | None = None) -> str:
     """A deflated DX whose pixel data is ``inflated_bytes`` of zeros; returns its SOP Instance UID."""
     sop_uid = generate_uid()
-    head = _encoded(_header(study_uid, sop_uid))
+    head = _encoded(dx_header(sop_uid, study_uid))
     pixel_length = (inflated_bytes - len(head) - 12) & ~1
     squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     out = [squeeze.compress(head + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixel_length))]
@@ -84,7 +66,7 @@ def write_element_flood(path: Path, elements: int = 2_000_000, study_uid: str | 
     """An explicit VR DX with ``elements`` private US elements (10 bytes each) and a small image."""
     sop_uid = generate_uid()
     rows = cols = 64
-    head = _encoded(_header(study_uid, sop_uid, rows, cols))
+    head = _encoded(dx_header(sop_uid, study_uid, rows=rows, cols=cols))
     chunks = [head]
     group, left = 0x0029, elements
     pack = struct.Struct("<HH2sHH").pack

@@ -30,14 +30,11 @@ import pytest
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
 from pynetdicom.dsutils import decode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from edge.dicom.const import DIMSE_COMMAND_SET_MAX_BYTES, DIMSE_DATA_SET_MAX_BYTES
 from edge.dicom.pdu_reader import PDATA_SLACK_BYTES
 from tests.conftest import EdgeNode
-from tests.edge.helpers import echo_succeeds, temp_files
+from tests.edge.helpers import associate_rq, echo_succeeds, temp_files
 from tests.fuzz.conftest import MEMORY_CAP_MB, peak_rss_mb
 
 DR = {"modality_ae": "DR1", "modality_host": "127.0.0.1"}
@@ -49,25 +46,6 @@ SEND_MB = 200
 FRAGMENT = 128 * 1024 - 64  # one P-DATA-TF PDU each, under the node's 256 KiB max_pdu_bytes
 MAX_INSTANCE_MB = 16  # the smallest [storage] max_instance_mb
 MiB = 1 << 20
-
-
-def associate_rq(abstract_syntax: str) -> bytes:
-    """A well-formed A-ASSOCIATE-RQ from DR1 with one presentation context (id 1)."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "DR1"
-    primitive.called_ae_title = "EDGE"
-    context = build_context(abstract_syntax, [EXPLICIT_LE])
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
-    primitive.user_information = [max_length, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
 
 
 def p_data(control: int, payload: bytes) -> bytes:
@@ -136,7 +114,7 @@ class Sender:
 
     def __init__(self, node: EdgeNode, abstract_syntax: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", node.port), timeout=30)
-        self.sock.sendall(associate_rq(abstract_syntax))
+        self.sock.sendall(associate_rq(calling="DR1", abstract_syntax=abstract_syntax, transfer_syntaxes=[EXPLICIT_LE]))
         pdu_type, _ = read_pdu(self.sock)
         assert pdu_type == 0x02, f"association not accepted (PDU type 0x{pdu_type:02X})"
         self.sent = 0

@@ -23,34 +23,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from tests.conftest import EdgeNode
-from tests.edge.helpers import echo, echo_succeeds
+from tests.edge.helpers import associate_rq, echo, echo_succeeds
 
 DR = {"modality_ae": "DR1", "modality_host": "127.0.0.1"}
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-def associate_rq(called: str, calling: str = "STRANGER") -> bytes:
-    """A well-formed A-ASSOCIATE-RQ for Verification, as any DICOM tool would send."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = calling
-    primitive.called_ae_title = called
-    context = build_context(VERIFICATION)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999.1"
-    primitive.user_information = [max_length, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
 
 
 class Staller:
