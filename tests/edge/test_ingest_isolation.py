@@ -9,6 +9,7 @@ real `edge run` with raw sockets and check with DCMTK what the DR would see.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import selectors
@@ -222,7 +223,9 @@ def test_killing_the_web_process_never_stops_c_store_and_it_comes_back(node_fact
     done = threading.Event()
 
     def dr_keeps_sending() -> None:
-        for image in images:
+        # Round and round until told to stop (repeats are answered Success and kept once):
+        # a fast machine must not run out of images before the web process is back.
+        for image in itertools.islice(itertools.cycle(images), 2000):
             results.append(storescu(node, image))
             if done.is_set():
                 return
