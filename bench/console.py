@@ -158,7 +158,7 @@ def wlmscpfs_baseline(tmp: Path, n: int, keys: list[str], expect: int) -> tuple[
     """The same worklist items as DCMTK worklist files, served by wlmscpfs."""
     if not Path(WLMSCPFS).exists():
         return None
-    from edge.orders.worklist import WorklistQuery, item_dataset, scheduled_items
+    from edge.dicom.worklist import WorklistQuery, item_dataset, scheduled_items
     from edge.store.db import open_database
 
     open_database(tmp / "node" / "var")
@@ -197,7 +197,7 @@ def hostile_matching(before: bool) -> list[str]:
     """The hostile key against 500 long names, in-process: ours, and optionally the regex it replaced."""
     import re
 
-    from edge.orders.worklist import matches
+    from edge.dicom.worklist import matches
 
     names = [f"{LONG_NAME}{i:03d}" for i in range(500)]
     out = []
@@ -210,7 +210,7 @@ def hostile_matching(before: bool) -> list[str]:
             runs.append((time.perf_counter() - start) * 1000)
         out.append(f"  {'linear matcher, ' + key[:24] + (' …' if len(key) > 24 else ''):46} "
                    f"p50 {statistics.median(runs):7.2f} ms for 500 names   max {max(runs):7.2f} ms")
-    if before:  # the matcher edge/orders/worklist.py had until issue 12
+    if before:  # the matcher edge/dicom/worklist.py had until issue 12
         body = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in HOSTILE_KEY)
         pattern = re.compile(f"^{body}$", re.IGNORECASE | re.DOTALL)
         start = time.perf_counter()

@@ -120,7 +120,7 @@ def main() -> int:
 
 def _node_budget(value: int) -> dict[str, int]:
     """``throttle_node_failures`` when this kiosk has the key (the bench also runs on older ones)."""
-    from edge.config import KioskSection
+    from edge.node.config import KioskSection
 
     return {"throttle_node_failures": value} if "throttle_node_failures" in KioskSection.model_fields else {}
 

@@ -548,7 +548,7 @@ def prefill(config: Path, files: Sequence[Path], log_path: Path) -> None:
 
 
 def _prefill_main(config_path: str, files: Sequence[str]) -> int:
-    from edge.config import load_config
+    from edge.node.config import load_config
     from edge.store.db import open_database
     from edge.store.spool import Spool, keep_instance
 
@@ -707,7 +707,7 @@ def check_tools() -> None:
 
 
 def node_has_sync() -> bool:
-    proc = subprocess.run([sys.executable, "-c", "from edge.node import SERVICE_NAMES; print(' '.join(SERVICE_NAMES))"],
+    proc = subprocess.run([sys.executable, "-c", "from edge.node.services import SERVICE_NAMES; print(' '.join(SERVICE_NAMES))"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
     return "sync" in proc.stdout.split()
 

@@ -1,8 +1,10 @@
-"""The one config file, edge.toml: loaded and validated once at start-up.
+"""The one config file, edge.toml: the primitives every part builds on.
 
-Each package declares its own section as a pydantic model with the default beside the
-key; this module only assembles them and turns validation errors into one line per bad
-key, so a field engineer sees ``[dicom] port: …`` instead of a traceback.
+Each part declares its own section as a pydantic model with the default beside the key
+(``edge.config.sections`` holds the node's core ones: node, dicom, storage, console,
+logging); the roof (``edge.node.config``) assembles them into one ``EdgeConfig``. What
+lives here turns a file into a mapping and validation errors into one line per bad key, so
+a field engineer sees ``[dicom] port: …`` instead of a traceback. It imports no part.
 """
 
 from __future__ import annotations
@@ -12,19 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from edge.config.sections import (
-    ConsoleSection,
-    DicomSection,
-    LoggingSection,
-    NodeSection,
-    StorageSection,
-)
-from edge.ops.config import OpsSection
-from firmware_bridge.config import BridgeSection
-from kiosk.config import KioskSection
-from sync.config import CloudSection, ReportsSection, SyncSection
+from pydantic import ValidationError
 
 DEFAULT_CONFIG_NAME = "edge.toml"
 CONFIG_ENV = "EDGE_CONFIG"
@@ -34,41 +24,8 @@ class ConfigError(Exception):
     """edge.toml is missing, unreadable or has a bad value; the message names the key."""
 
 
-class EdgeConfig(BaseModel):
-    """The whole node's configuration, one attribute per edge.toml section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    node: NodeSection = Field(default_factory=NodeSection)
-    dicom: DicomSection = Field(default_factory=DicomSection)
-    storage: StorageSection = Field(default_factory=StorageSection)
-    cloud: CloudSection = Field(default_factory=CloudSection)
-    sync: SyncSection = Field(default_factory=SyncSection)
-    reports: ReportsSection = Field(default_factory=ReportsSection)
-    console: ConsoleSection = Field(default_factory=ConsoleSection)
-    kiosk: KioskSection = Field(default_factory=KioskSection)
-    bridge: BridgeSection = Field(default_factory=BridgeSection)
-    ops: OpsSection = Field(default_factory=OpsSection)
-    logging: LoggingSection = Field(default_factory=LoggingSection)
-
-    # Where the file was read from; relative paths in it are resolved against its folder.
-    base_dir: Path = Field(default=Path("."), exclude=True)
-
-    @property
-    def data_dir(self) -> Path:
-        """The data directory (spool, database) as an absolute path."""
-        path = Path(self.storage.data_dir)
-        return path if path.is_absolute() else (self.base_dir / path).resolve()
-
-    def path(self, value: str) -> Path | None:
-        """A path key of this file, absolute ("" stays None)."""
-        if not value:
-            return None
-        path = Path(value)
-        return path if path.is_absolute() else (self.base_dir / path).resolve()
-
-
-def _describe(error: dict[str, Any]) -> str:
+def describe_error(error: Any) -> str:
+    """One pydantic error as ``[section] key: reason``."""
     loc = [str(part) for part in error["loc"]]
     if len(loc) >= 2:
         where = f"[{loc[0]}] {'.'.join(loc[1:])}"
@@ -84,13 +41,9 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message}"
 
 
-def parse_config(data: dict[str, Any], base_dir: Path, source: str = DEFAULT_CONFIG_NAME) -> EdgeConfig:
-    """Validate an already-parsed TOML mapping; raise ConfigError naming every bad key."""
-    try:
-        return EdgeConfig.model_validate({**data, "base_dir": base_dir})
-    except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
-        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+def config_error(exc: ValidationError, source: str = DEFAULT_CONFIG_NAME) -> ConfigError:
+    """Every bad key of one validation, on one line."""
+    return ConfigError(f"{source}: " + "; ".join(describe_error(err) for err in exc.errors()))
 
 
 def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
@@ -101,9 +54,8 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
     return Path(env) if env else Path(DEFAULT_CONFIG_NAME)
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> EdgeConfig:
-    """Read and validate edge.toml; raise ConfigError with a one-line reason."""
-    config_path = resolve_config_path(path)
+def read_config_file(config_path: Path) -> dict[str, Any]:
+    """The TOML mapping of one config file; ConfigError with a one-line reason."""
     try:
         raw = config_path.read_bytes()
     except FileNotFoundError:
@@ -116,4 +68,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EdgeConfig:
         raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
     if "base_dir" in data:
         raise ConfigError(f"{config_path}: base_dir: unknown key")
-    return parse_config(data, config_path.resolve().parent, str(config_path))
+    return data

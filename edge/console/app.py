@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.http_server import HttpLimits, HttpListener, serve_app
 from edge.ops.health import health_report, run_checks
 from edge.console.web import add_routes

@@ -8,8 +8,8 @@ import json
 import sys
 from typing import Any
 
-from edge.config import EdgeConfig
-from edge.ops.terminal import printable
+from edge.node.config import EdgeConfig
+from edge.terminal import printable
 
 
 def add_commands(sub: Any) -> None:

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.service import ServiceSetupError
 
 CERT_DAYS = 10 * 365  # a clinic box lives for years; renewing means re-running provisioning

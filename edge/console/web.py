@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.console import accounts, actions, pages
 from edge.console.accounts import SessionInfo
 from edge.orders.matching import AssignError, assign_study, match_new_studies

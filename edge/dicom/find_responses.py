@@ -33,7 +33,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 
-from edge.orders.worklist import EncodedAnswer
+from edge.dicom.worklist import EncodedAnswer
 
 PENDING = frozenset({0xFF00, 0xFF01})
 

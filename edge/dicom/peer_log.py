@@ -17,7 +17,7 @@ import threading
 from typing import cast
 
 from edge.dicom.slots import Slot
-from edge.ops.terminal import printable
+from edge.terminal import printable
 
 log = logging.getLogger(__name__)
 

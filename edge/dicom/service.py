@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -32,12 +32,13 @@ from pynetdicom import (
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 
-from edge.config import EdgeConfig
-from edge.dicom import assembly, availability, find_responses, receive_file
-from edge.dicom.connections import AssociationServer, SlotRequestHandler, SlotTable, slot_of
-from edge.dicom.identifier import read_identifier
-from edge.dicom.modalities import ModalityDirectory
-from edge.dicom.status import failure_status
+from edge.dicom import assembly, availability, find_responses, receive_file, worklist
+from edge.dicom.connections import (
+    AssociationServer,
+    SlotRequestHandler,
+    SlotTable,
+    slot_of,
+)
 from edge.dicom.const import (
     ACSE_TIMEOUT_S,
     STATUS_OUT_OF_RESOURCES,
@@ -45,10 +46,21 @@ from edge.dicom.const import (
     STATUS_SUCCESS,
     accepted_transfer_syntaxes,
 )
+from edge.dicom.identifier import read_identifier
+from edge.dicom.modalities import ModalityDirectory
+from edge.dicom.status import failure_status
 from edge.ops import metrics
-from edge.orders import worklist
 from edge.store.db import database
-from edge.store.spool import DecodeLimits, KeptInstance, RejectedInstance, Spool, keep_instance
+from edge.store.spool import (
+    DecodeLimits,
+    KeptInstance,
+    RejectedInstance,
+    Spool,
+    keep_instance,
+)
+
+if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
+    from edge.node.config import EdgeConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The fleet commands of ``edge``: doctor, provision, discover, decommission.
 
-Kept here so the ops package owns its own command-line surface; ``edge.cli`` only adds
+Kept here so the ops package owns its own command-line surface; ``edge.node.cli`` only adds
 them to its parser with :func:`add_commands`.
 """
 
@@ -12,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from edge.config import EdgeConfig, resolve_config_path
-from edge.ops.terminal import printable
+from edge.config import resolve_config_path
+from edge.node.config import EdgeConfig
+from edge.terminal import printable
 
 
 def cmd_doctor(config: EdgeConfig, args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The DICOM service's in-process counters, for a /metrics served by another process.
 
 C-STORE results, received bytes and association counts live in the DICOM process's
-memory, but `edge run` keeps ingest in a process of its own (edge.supervisor) and the
+memory, but `edge run` keeps ingest in a process of its own (edge.node.supervisor) and the
 systemd units run the DICOM service and the console apart. So the DICOM process writes
 them (Prometheus text format, one atomic rename, no fsync: a few hundred microseconds) to
 ``<data_dir>/run/dicom.prom`` before it answers Success to each kept instance, and every

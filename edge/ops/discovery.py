@@ -21,7 +21,7 @@ import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.ops.health import dicom_availability, port_listening
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.dicom.modalities import configured_modalities
 from edge.ops.health import disk_free_bytes, port_listening
-from edge.ops.terminal import printable
+from edge.terminal import printable
 
 log = logging.getLogger(__name__)
 

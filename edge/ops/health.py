@@ -9,7 +9,7 @@ from typing import Any
 
 from peewee import DatabaseError
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.dicom import availability
 from edge.dicom.availability import DicomAvailability
 from edge.store.db import database

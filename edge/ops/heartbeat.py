@@ -25,7 +25,7 @@ from prometheus_client import (
     write_to_textfile,
 )
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.ops.metrics import fleet_registry
 
 log = logging.getLogger(__name__)

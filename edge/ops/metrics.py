@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from edge.config import EdgeConfig
+    from edge.node.config import EdgeConfig
 
 ASSOCIATIONS_OPEN = Gauge("edge_dicom_associations_open", "DICOM associations open now")
 ASSOCIATIONS_REJECTED = Counter("edge_dicom_associations_rejected", "Associations rejected (AE title)")

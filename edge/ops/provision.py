@@ -30,7 +30,8 @@ from typing import Any
 import tomlkit
 from tomlkit.items import Table
 
-from edge.config import ConfigError, parse_config
+from edge.config import ConfigError
+from edge.node.config import parse_config
 
 PROVISION_FILE_NAME = "edge-provision.toml"
 # Provisioning table → (section, key naming the secrets file, default file name next to edge.toml).

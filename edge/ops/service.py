@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from edge.service import ServiceSetupError
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.ops.discovery import Announcer
 from edge.ops.heartbeat import Heartbeat, HeartbeatSetupError
 

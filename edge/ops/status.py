@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from edge.ops.health import check_disk, dicom_availability, disk_free_bytes, port_listening
-from edge.ops.terminal import printable
+from edge.terminal import printable
 from edge.store.queries import (
     count_instances,
     count_missing_files,

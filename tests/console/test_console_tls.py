@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from edge.config import load_config
+from edge.node.config import load_config
 from edge.console.tls import ConsoleTlsError, console_ssl_context, make_self_signed
 from tests.conftest import EdgeNode, edge_cli, write_config
 from tests.console.conftest import QUIET, TECH, TECH_PASSWORD

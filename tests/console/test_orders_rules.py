@@ -9,7 +9,7 @@ import pytest
 from edge.orders.accession import accession_number, node_tag
 from edge.orders.register import FormErrors, Registration, exam_choices, validate
 from edge.orders.said import BadIdNumber, check_id_number
-from edge.orders.worklist import BadQuery, date_range, matches
+from edge.dicom.worklist import BadQuery, date_range, matches
 
 TODAY = dt.date(2026, 11, 23)
 CHOICES = exam_choices(["Knee X-ray"], "DX")

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
-from edge.orders import worklist
+from edge.dicom import worklist
 from edge.orders.tables import Audit
 from tests.conftest import EdgeNode
 from tests.console.conftest import ADMIN, ADMIN_PASSWORD

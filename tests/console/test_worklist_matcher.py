@@ -13,7 +13,7 @@ from functools import lru_cache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.orders.worklist import matches
+from edge.dicom.worklist import matches
 
 ALPHABET = "aAbB^ -*?"  # letters in two cases, PN's component separator, a space, a hyphen, both wildcards
 LONG_NAME = "Mahlangu-Ramaphosa-Nkosi^Nomvula Thandiwe Precious"

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from tests.conftest import REPO, edge_cli, write_config
 
 SHIPPED = REPO / "edge.toml"
@@ -117,7 +117,7 @@ def test_shipped_edge_toml_documents_every_key_with_its_default() -> None:
 
 def test_shipped_edge_toml_loads_without_error() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "from edge.config import load_config; import sys; load_config(sys.argv[1])", str(SHIPPED)],
+        [sys.executable, "-c", "from edge.node.config import load_config; import sys; load_config(sys.argv[1])", str(SHIPPED)],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr

@@ -105,7 +105,7 @@ def test_the_ecg_bridge_keeps_recordings_under_the_configured_limits(tmp_path: P
 
     import numpy as np
 
-    from edge.config import parse_config
+    from edge.node.config import parse_config
     from edge.store.db import database, open_database
     from edge.store.spool import Spool
     from firmware_bridge.const import Msg

@@ -15,7 +15,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 
 from edge.dicom.status import ERROR_COMMENT_MAX, error_comment, failure_status
-from edge.orders import worklist
+from edge.dicom import worklist
 from tests.conftest import EdgeNode
 from tests.dicom_factory import DX_STORAGE, make_dx
 from tests.edge.helpers import raw_store, storescu

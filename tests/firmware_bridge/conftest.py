@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edge.config import EdgeConfig, parse_config
+from edge.node.config import EdgeConfig, parse_config
 from edge.store.db import database, open_database
 from edge.store.spool import KeptInstance, Spool
 from firmware_bridge.lines import PtyLine
@@ -34,7 +34,7 @@ class RunningBridge:
     """BridgeService on its own event loop thread, as ``edge serve bridge`` runs it."""
 
     def __init__(self, config: EdgeConfig, spool: Spool, service: BridgeService | None = None) -> None:
-        """``service``: one built elsewhere (as edge.node builds it); else a plain one that records what it kept."""
+        """``service``: one built elsewhere (as edge.node.services builds it); else a plain one that records what it kept."""
         self.kept: list[KeptInstance] = []
         self.service = service or BridgeService(config, spool, on_kept=self.kept.append)
         self.loop = asyncio.new_event_loop()

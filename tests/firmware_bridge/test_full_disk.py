@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.config import EdgeConfig, parse_config
-from edge.node import build_services
+from edge.node.config import EdgeConfig, parse_config
+from edge.node.services import build_services
 from edge.store.db import database, open_database
 from edge.store.models import Instance, Outbox, utcnow
 from edge.store.spool import Spool, keep_instance
@@ -234,7 +234,7 @@ def test_the_node_gives_the_bridge_the_same_make_room_as_the_dicom_service(tmp_p
         dicom, bridge = build_services(config, ["dicom", "bridge"])
     finally:
         database.close()
-    dicom = getattr(dicom, "dicom", dicom)  # edge.node wraps it to write its counters for other processes
+    dicom = getattr(dicom, "dicom", dicom)  # edge.node.services wraps it to write its counters for other processes
     assert bridge.make_room is not None and bridge.make_room is dicom.make_room  # type: ignore[attr-defined]
 
 

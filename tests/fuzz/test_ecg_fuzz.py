@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import edge.config  # noqa: F401  (first: firmware_bridge.config imports it, and it imports back)
 from edge.store.db import database, open_database
 from edge.store.spool import Spool
 from firmware_bridge.const import ACQUIRED_LEADS, MAX_FRAME, Msg

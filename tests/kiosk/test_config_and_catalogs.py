@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import ConfigError, parse_config
+from edge.config import ConfigError
+from edge.node.config import parse_config
 from kiosk.config import LANGUAGES, KioskSection
 from kiosk.i18n import CATALOG_DIR, load_catalog, placeholders
 

@@ -18,7 +18,8 @@ from aiohttp.test_utils import make_mocked_request
 
 import kiosk.tickets
 from edge.check_digit import luhn_digit
-from edge.config import ConfigError, parse_config
+from edge.config import ConfigError
+from edge.node.config import parse_config
 from edge.secret_hash import secret_matches
 from edge.store.db import open_database
 from kiosk.app import NOT_THIS_SCREEN, screen_only

@@ -7,7 +7,7 @@ import tomllib
 
 from pydantic import BaseModel
 
-from edge.config import EdgeConfig
+from edge.node.config import EdgeConfig
 from tests.conftest import REPO
 
 

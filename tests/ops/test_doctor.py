@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from edge.config import load_config
+from edge.node.config import load_config
 from edge.ops.doctor import check_printer
 from tests.conftest import DCMTK, edge_cli, free_port, unique_node_id, wait_for_port, write_config
 from tests.peers.orthanc import OrthancPeer, start_orthanc

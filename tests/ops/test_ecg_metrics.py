@@ -23,7 +23,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from edge.config import parse_config
+from edge.node.config import parse_config
 from edge.ops.metrics import fleet_registry
 from edge.store.db import database, open_database
 from edge.store.models import utcnow

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.config import load_config
+from edge.node.config import load_config
 from edge.ops.heartbeat import Heartbeat
 from edge.store.db import open_database
 from tests.conftest import edge_cli, free_port, write_config

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import load_config
+from edge.node.config import load_config
 from tests.conftest import REPO
 
 IMAGE = REPO / "image"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from edge.config import load_config
+from edge.node.config import load_config
 from tests.conftest import edge_cli
 
 

@@ -43,7 +43,7 @@ def test_node_sends_ready_then_watchdog_then_stopping(node_factory: Any, tmp_pat
 
 
 def test_without_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge.ops import sdnotify
+    from edge import sdnotify
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.node import SERVICE_NAMES
+from edge.node.services import SERVICE_NAMES
 from tests.conftest import REPO
 
 UNITS = REPO / "systemd"

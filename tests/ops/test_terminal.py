@@ -16,7 +16,7 @@ from pydicom import dcmread
 
 from edge.ops.doctor import Item, format_items
 from edge.ops.status import format_status
-from edge.ops.terminal import printable
+from edge.terminal import printable
 from tests.conftest import EdgeNode
 from tests.dicom_factory import make_dx
 

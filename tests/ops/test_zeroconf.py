@@ -86,7 +86,7 @@ def test_node_announces_dicom_with_its_aet_and_withdraws_at_shutdown(node_factor
 def test_a_service_that_is_down_is_not_announced(node_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """`edge serve ops` alone: neither the DICOM service nor the console runs, so nothing is announced.
     Whether DICOM runs is read from its report, not by connecting: a probe every refresh took a DR slot."""
-    from edge.config import load_config
+    from edge.node.config import load_config
     from edge.ops.discovery import Announcer
 
     node = node_factory(("serve", "dicom"), ops=LOOPBACK_ZEROCONF)

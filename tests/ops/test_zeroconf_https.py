@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge.config import parse_config
+from edge.node.config import parse_config
 from edge.ops.discovery import HTTP_TYPE, HTTPS_TYPE, service_infos
 from tests.conftest import edge_cli, unique_node_id
 from tests.console.conftest import QUIET

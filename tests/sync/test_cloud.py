@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from edge.config import EdgeConfig, parse_config
+from edge.node.config import EdgeConfig, parse_config
 from sync.cloud import CloudSetupError, load_auth_headers, open_session
 from sync.dicomweb import DicomWebClient, DicomWebError
 

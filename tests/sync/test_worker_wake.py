@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-import edge.config  # noqa: F401  (first: sync.config imports it, and it imports back)
 from sync import worker as worker_module
 from sync.config import SyncSection
 from sync.worker import OutboxWorker

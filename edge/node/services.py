@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from peewee import DatabaseError
 
-from edge.config import EdgeConfig
-from edge.ops import sdnotify
+from edge import sdnotify
+from edge.node.config import EdgeConfig
 from edge.outbox_bell import BellListener, OutboxBell
 from edge.service import Service, ServiceSetupError
 from edge.store.db import open_database

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Sequence
 
 from edge import __version__
-from edge.config import CONFIG_ENV, ConfigError, EdgeConfig, load_config, resolve_config_path
-from edge.node import SERVICE_NAMES, StartupError, run_services
+from edge.config import CONFIG_ENV, ConfigError, resolve_config_path
+from edge.node.config import EdgeConfig, load_config
+from edge.node.services import SERVICE_NAMES, StartupError, run_services
 
 log = logging.getLogger("edge")
 
@@ -34,10 +35,10 @@ def _open_store(config: EdgeConfig) -> None:
 def cmd_run(config: EdgeConfig, args: argparse.Namespace) -> int:
     _setup_logging(config)
     if args.command == "run":  # a supervisor of `edge serve` children: ingest apart from the web apps
-        from edge.supervisor import exec_supervisor
+        from edge.node.supervisor import exec_supervisor
 
         exec_supervisor(resolve_config_path(args.config), config.node.id, config.logging.level)
-    from edge.supervisor import follow_supervisor
+    from edge.node.supervisor import follow_supervisor
 
     names = tuple(n for n in SERVICE_NAMES if n in args.service)
     node_names = SERVICE_NAMES if follow_supervisor() else None  # a child of `edge run`: the node has them all
@@ -51,7 +52,7 @@ def cmd_run(config: EdgeConfig, args: argparse.Namespace) -> int:
 
 def cmd_studies(config: EdgeConfig, args: argparse.Namespace) -> int:
     from edge.store.queries import list_studies
-    from edge.ops.terminal import printable
+    from edge.terminal import printable
 
     _open_store(config)
     rows = list_studies(limit=args.limit)

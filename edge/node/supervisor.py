@@ -37,9 +37,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge.ops import sdnotify  # and nothing heavier: the supervisor stays a bare interpreter
+from edge import (
+    sdnotify,  # and nothing heavier: the supervisor stays a bare interpreter
+)
 
-log = logging.getLogger("edge.supervisor")  # also when run as __main__
+log = logging.getLogger("edge.node.supervisor")  # also when run as __main__
 
 # (label, services): started in this order, stopped in reverse.
 RUN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -57,10 +59,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def exec_supervisor(config_path: Path, node_id: str, log_level: str) -> None:
-    """Become the supervisor: `edge` has imported the whole node by now, ``python -m edge.supervisor`` needs ~20 MB."""
+    """Become the supervisor: `edge` has imported the whole node by now, ``python -m edge.node.supervisor`` needs ~20 MB."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "edge.supervisor", "--config", str(config_path.resolve()),
+    os.execv(sys.executable, [sys.executable, "-m", "edge.node.supervisor", "--config", str(config_path.resolve()),
                               "--node-id", node_id, "--log-level", log_level])
 
 
