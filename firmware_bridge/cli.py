@@ -1,4 +1,4 @@
-"""The bridge's ``edge`` subcommands: ecg-sim, ecg-arm, ecg-firmware (registered by edge.cli)."""
+"""The bridge's ``edge`` subcommands: ecg-sim, ecg-arm, ecg-firmware (registered by edge.node.cli)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edge.ops.terminal import printable
+from edge.terminal import printable
 from firmware_bridge.simulator import INJECTIONS
 
 
@@ -67,7 +67,7 @@ def _lead_set(text: str) -> tuple[str, ...]:
 
 
 def _logging(level: str = "INFO") -> None:
-    from edge.ops.terminal import TerminalFormatter
+    from edge.terminal import TerminalFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

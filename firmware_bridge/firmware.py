@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import serial
 
-from edge.ops.terminal import printable
+from edge.terminal import printable
 from firmware_bridge.const import FW_CHUNK, Msg, Nak
 from firmware_bridge.protocol import (
     Ack,

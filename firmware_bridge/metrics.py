@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from edge.ops.metrics import add_fleet_collector
 
 if TYPE_CHECKING:
-    from edge.config import EdgeConfig
+    from edge.node.config import EdgeConfig
 
 RECORDING_STATES: tuple[str, ...] = ("receiving", "kept", "interrupted", "failed")
 """The states of ``ecg_recording.state`` (firmware_bridge.tables.EcgRecording), always reported."""

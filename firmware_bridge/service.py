@@ -7,12 +7,15 @@ import glob
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from edge.config import EdgeConfig
 from edge.store.spool import KeptInstance, Spool
 from edge.store.walk import DecodeLimits
 from firmware_bridge.boxes import forget_connections
 from firmware_bridge.session import BoxSession
+
+if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
+    from edge.node.config import EdgeConfig
 
 log = logging.getLogger(__name__)
 

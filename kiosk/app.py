@@ -15,14 +15,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pypdf import PdfReader
 
-from edge.service import ServiceSetupError
-from edge.config import EdgeConfig
 from edge.http_server import HttpLimits, HttpListener, serve_app
+from edge.service import ServiceSetupError
 from kiosk import metrics, pages
 from kiosk.const import PrinterState
 from kiosk.i18n import load_catalog
@@ -32,6 +32,9 @@ from kiosk.report_pdf import readable_date
 from kiosk.sessions import COOKIE, KioskSession, SessionStore
 from kiosk.tickets import GuardSettings, Lookup, finish_print, look_up, ticket_report
 from kiosk.viewer_token import load_or_create_key
+
+if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
+    from edge.node.config import EdgeConfig
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())

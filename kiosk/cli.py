@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge.config import EdgeConfig
-from edge.ops.terminal import printable
+from edge.terminal import printable
+
+if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
+    from edge.node.config import EdgeConfig
 
 
 def _open_store(config: EdgeConfig) -> None:

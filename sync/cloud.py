@@ -7,10 +7,12 @@ import ssl
 import stat
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
-from edge.config import EdgeConfig
+if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
+    from edge.node.config import EdgeConfig
 
 
 class CloudSetupError(Exception):

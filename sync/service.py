@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from edge.service import ServiceSetupError
-from edge.config import EdgeConfig
 from edge.store.spool import Spool
 from edge.store.walk import DecodeLimits
 from sync import metrics
@@ -20,6 +20,9 @@ from sync.outbox import release_interrupted
 from sync.reports import ReportPuller, ReportSettings
 from sync.retention import enforce_retention
 from sync.worker import OutboxWorker
+
+if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
+    from edge.node.config import EdgeConfig
 
 log = logging.getLogger(__name__)
 
