@@ -32,7 +32,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 
-from edge.dicom import assembly, availability, find_responses, receive_file, worklist
+from edge.dicom import assembly, availability, find_responses, metrics, receive_file, worklist
 from edge.dicom.connections import (
     AssociationServer,
     SlotRequestHandler,
@@ -49,7 +49,6 @@ from edge.dicom.const import (
 from edge.dicom.identifier import read_identifier
 from edge.dicom.modalities import ModalityDirectory
 from edge.dicom.status import failure_status
-from edge.ops import metrics
 from edge.store.db import database
 from edge.store.spool import (
     DecodeLimits,

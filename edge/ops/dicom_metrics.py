@@ -27,11 +27,16 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from edge.ops import metrics
+from edge.dicom import metrics as dicom_counters
 
 log = logging.getLogger(__name__)
 
-DICOM_METRICS = (metrics.ASSOCIATIONS_OPEN, metrics.ASSOCIATIONS_REJECTED, metrics.CSTORE_RESULTS, metrics.RECEIVED_BYTES)
+DICOM_METRICS = (
+    dicom_counters.ASSOCIATIONS_OPEN,
+    dicom_counters.ASSOCIATIONS_REJECTED,
+    dicom_counters.CSTORE_RESULTS,
+    dicom_counters.RECEIVED_BYTES,
+)
 WRITE_EVERY_S = 5.0
 STALE_AFTER_S = 30.0
 

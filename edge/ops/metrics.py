@@ -11,17 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
+
+from edge.dicom import metrics as dicom_counters  # noqa: F401  (the counters are on /metrics in every process)
 
 if TYPE_CHECKING:
     from edge.node.config import EdgeConfig
 
-ASSOCIATIONS_OPEN = Gauge("edge_dicom_associations_open", "DICOM associations open now")
-ASSOCIATIONS_REJECTED = Counter("edge_dicom_associations_rejected", "Associations rejected (AE title)")
-CSTORE_RESULTS = Counter("edge_dicom_cstore", "C-STORE requests answered, by result", ["result"])
-RECEIVED_BYTES = Counter("edge_dicom_received_bytes", "Bytes of new instances kept from C-STORE, as received")
 
 PROCESS_STARTED_AT = time.time()
 """When this process started: ``edge_node_start_time_seconds`` (uptime = now - this)."""
@@ -106,7 +104,12 @@ class HealthCollector(Collector):
         self.services = services
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from edge.ops.health import dicom_availability, health_report, port_listening, run_checks
+        from edge.ops.health import (
+            dicom_availability,
+            health_report,
+            port_listening,
+            run_checks,
+        )
 
         checks = run_checks(self.config, self.services)
         healthy, _ = health_report(self.config, checks)
