@@ -19,6 +19,7 @@ from edge.orders.const import ECG_MODALITY
 from edge.orders.tables import Order, StudyMatch, Visit, audit
 from edge.store.db import write_transaction
 from edge.store.models import Series, Study, utcnow
+from edge.store.rows import rows
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,18 @@ def _local_date(utc: dt.datetime) -> str:
 
 def _candidates() -> list[_Candidate]:
     since = utcnow() - dt.timedelta(days=RETRY_UNMATCHED_DAYS)
-    rows = (
+    query = (
         Study.select(Study.id, Study.study_instance_uid, Study.accession_number, Study.patient_id,
                      Study.study_date, Study.received_at, StudyMatch.id)
         .join(StudyMatch, join_type=JOIN.LEFT_OUTER, on=(StudyMatch.study == Study.id))
         .where(StudyMatch.id.is_null(True) | (StudyMatch.order.is_null(True) & (StudyMatch.how == "none")
                                                 & (Study.received_at >= since)))
-        .tuples()
     )
-    found = list(rows)
+    found = list(rows(query, tuple[int, str, str, str, str, dt.datetime, int | None]))
     if not found:
         return []
-    ecg = {sid for (sid,) in Series.select(Series.study).where(
-        Series.study.in_([r[0] for r in found]), Series.modality == ECG_MODALITY).tuples()}
+    ecg = {sid for (sid,) in rows(Series.select(Series.study).where(
+        Series.study.in_([r[0] for r in found]), Series.modality == ECG_MODALITY), tuple[int])}
     return [_Candidate(r[0], r[1], r[2], r[3], r[4], r[5], r[0] in ecg, r[6]) for r in found]
 
 
@@ -72,11 +72,12 @@ def _find_order(c: _Candidate) -> tuple[int | None, str]:
     if c.patient_id:
         day = c.study_date or _local_date(c.received_at)
         kind = (Order.modality == ECG_MODALITY) if c.is_ecg else (Order.modality != ECG_MODALITY)
-        ids = [oid for (oid,) in Order.select(Order.id).join(Visit).where(
+        ids = [oid for (oid,) in rows(Order.select(Order.id).join(Visit).where(
             Visit.patient_id == c.patient_id, Order.scheduled_date == day, Order.state != "cancelled", kind,
-        ).tuples()]
+        ), tuple[int])]
         if len(ids) > 1:  # prefer the one order still waiting for images
-            taken = {oid for (oid,) in StudyMatch.select(StudyMatch.order).where(StudyMatch.order.in_(ids)).tuples()}
+            matched = StudyMatch.select(StudyMatch.order).where(StudyMatch.order.in_(ids))
+            taken = {oid for (oid,) in rows(matched, tuple[int])}
             ids = [oid for oid in ids if oid not in taken]
         if len(ids) == 1:
             return ids[0], "patient_date"
