@@ -9,6 +9,7 @@ from typing import Any
 from peewee import fn
 
 from edge.store.models import Instance, Outbox, Series, Study, utcnow
+from edge.store.rows import row, rows
 
 # A study's sync state is its worst instance's: one quarantined instance needs a human.
 _STATE_ORDER = ("quarantined", "failed", "sending", "pending", "synced")
@@ -48,11 +49,13 @@ def list_studies(limit: int | None = None) -> list[StudyRow]:
     if not studies:
         return []
     ids = [s.id for s in studies]
-    counts = dict(
-        Instance.select(Instance.study, fn.COUNT(Instance.id)).where(Instance.study.in_(ids)).group_by(Instance.study).tuples()
-    )
+    counts = dict(rows(
+        Instance.select(Instance.study, fn.COUNT(Instance.id)).where(Instance.study.in_(ids)).group_by(Instance.study),
+        tuple[int, int],
+    ))
     modalities: dict[int, set[str]] = {}
-    for study_id, modality in Series.select(Series.study, Series.modality).where(Series.study.in_(ids)).tuples():
+    series = Series.select(Series.study, Series.modality).where(Series.study.in_(ids))
+    for study_id, modality in rows(series, tuple[int, str]):
         if modality:
             modalities.setdefault(study_id, set()).add(modality)
     states: dict[int, set[str]] = {}
@@ -61,9 +64,8 @@ def list_studies(limit: int | None = None) -> list[StudyRow]:
         Outbox.select(Instance.study, Outbox.state, Outbox.last_error)
         .join(Instance)
         .where(Instance.study.in_(ids))
-        .tuples()
     )
-    for study_id, state, error in query:
+    for study_id, state, error in rows(query, tuple[int, str, str]):
         states.setdefault(study_id, set()).add(state)
         if error and state in ("quarantined", "failed"):
             errors[study_id] = error
@@ -95,7 +97,7 @@ class OutboxSummary:
 
 
 def outbox_summary() -> OutboxSummary:
-    by_state = dict(Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state).tuples())
+    by_state = dict(rows(Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state), tuple[str, int]))
     oldest = Outbox.select(fn.MIN(Outbox.created_at)).where(Outbox.state != "synced").scalar()
     last = Outbox.select(fn.MAX(Outbox.updated_at)).where(Outbox.state == "synced").scalar()
     age = None
@@ -114,7 +116,7 @@ def count_missing_files() -> int:
 def count_instances() -> tuple[int, int, int]:
     """(studies, instances, bytes) kept on this node."""
     studies = Study.select().count()
-    instances, size = Instance.select(fn.COUNT(Instance.id), fn.COALESCE(fn.SUM(Instance.size), 0)).tuples().get()
+    instances, size = row(Instance.select(fn.COUNT(Instance.id), fn.COALESCE(fn.SUM(Instance.size), 0)), tuple[int, int])
     return studies, instances, int(size)
 
 
