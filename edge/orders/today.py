@@ -12,6 +12,7 @@ from peewee import fn
 
 from edge.orders.tables import Order, StudyMatch, Visit
 from edge.store.models import Instance, Outbox, Series, Study, utcnow
+from edge.store.rows import rows
 
 
 @dataclass
@@ -57,15 +58,14 @@ def _study_progress(study_ids: list[int]) -> dict[int, _Progress]:
     progress: dict[int, _Progress] = {sid: _Progress() for sid in study_ids}
     if not study_ids:
         return progress
-    rows = (
+    query = (
         Outbox.select(Instance.study, Outbox.state, fn.COUNT(Outbox.id), fn.COALESCE(fn.SUM(Instance.size), 0),
                       fn.MAX(Outbox.last_error))
         .join(Instance)
         .where(Instance.study.in_(study_ids))
         .group_by(Instance.study, Outbox.state)
-        .tuples()
     )
-    for study_id, state, count, size, error in rows:
+    for study_id, state, count, size, error in rows(query, tuple[int, str, int, int, str | None]):
         p = progress[study_id]
         p.states.add(state)
         p.instances += int(count)
@@ -74,7 +74,8 @@ def _study_progress(study_ids: list[int]) -> dict[int, _Progress]:
             p.synced_bytes += int(size)
         if state in ("quarantined", "failed") and error and (state == "quarantined" or not p.reason):
             p.reason = str(error)
-    for study_id, report in Study.select(Study.id, Study.report_state).where(Study.id.in_(study_ids)).tuples():
+    reports = Study.select(Study.id, Study.report_state).where(Study.id.in_(study_ids))
+    for study_id, report in rows(reports, tuple[int, str]):
         progress[study_id].report = report
     return progress
 
@@ -107,34 +108,32 @@ def _state(parts: list[_Progress]) -> tuple[str, int, str, str, int]:
 def visits_for_day(day: dt.date | None = None) -> list[VisitRow]:
     """The day's orders, newest first, each with its live state."""
     key = (day or dt.date.today()).strftime("%Y%m%d")
-    orders = list(
+    orders = list(rows(
         Order.select(Order.id, Order.accession_number, Visit.patient_name, Visit.patient_id, Order.exam,
                      Order.modality, Order.scheduled_time, Order.stat, Order.ticket_code)
         .join(Visit)
         .where(Order.scheduled_date == key, Order.state != "cancelled")
-        .order_by(Order.id.desc())
-        .tuples()
-    )
+        .order_by(Order.id.desc()),
+        tuple[int, str, str, str, str, str, str, bool, str],
+    ))
     ids = [o[0] for o in orders]
     studies: dict[int, list[tuple[int, str]]] = {}
     if ids:
-        for order_id, study_id, uid in (
-            StudyMatch.select(StudyMatch.order, Study.id, Study.study_instance_uid)
-            .join(Study).where(StudyMatch.order.in_(ids)).tuples()
-        ):
+        matched = StudyMatch.select(StudyMatch.order, Study.id, Study.study_instance_uid).join(Study)
+        for order_id, study_id, uid in rows(matched.where(StudyMatch.order.in_(ids)), tuple[int, int, str]):
             studies.setdefault(order_id, []).append((study_id, uid))
     progress = _study_progress([sid for pairs in studies.values() for sid, _ in pairs])
-    rows = []
+    visits = []
     for oid, accession, name, pid, exam, modality, time, stat, code in orders:
         pairs = studies.get(oid, [])
         state, percent, problem, reason, instances = _state([progress[sid] for sid, _ in pairs])
-        rows.append(VisitRow(
+        visits.append(VisitRow(
             order_id=oid, accession_number=accession, patient_name=display_name(name), patient_id=pid,
             exam=exam, modality=modality, registered=f"{time[:2]}:{time[2:4]}" if time else "",
             stat=bool(stat), ticket_code=code, state=state, percent=percent, problem=problem,
             reason=reason, instances=instances, study_uids=tuple(uid for _, uid in pairs),
         ))
-    return rows
+    return visits
 
 
 @dataclass(frozen=True)
@@ -151,24 +150,25 @@ class UnmatchedStudy:
 def unmatched_studies(days: int = 7) -> list[UnmatchedStudy]:
     """Studies matching found no order for (an ECG without arming, a DR typed by hand)."""
     since = utcnow() - dt.timedelta(days=days)
-    rows = list(
+    studies = list(rows(
         Study.select(Study.id, Study.study_instance_uid, Study.accession_number, Study.patient_id,
                      Study.study_date, Study.received_at)
         .join(StudyMatch, on=(StudyMatch.study == Study.id))
         .where(StudyMatch.order.is_null(True), Study.received_at >= since)
-        .order_by(Study.received_at.desc())
-        .tuples()
-    )
-    ids = [r[0] for r in rows]
+        .order_by(Study.received_at.desc()),
+        tuple[int, str, str, str, str, dt.datetime],
+    ))
+    ids = [r[0] for r in studies]
     mods: dict[int, set[str]] = {}
     counts: dict[int, int] = {}
     if ids:
-        for sid, modality in Series.select(Series.study, Series.modality).where(Series.study.in_(ids)).tuples():
+        series = Series.select(Series.study, Series.modality).where(Series.study.in_(ids))
+        for sid, modality in rows(series, tuple[int, str]):
             mods.setdefault(sid, set()).add(modality)
-        counts = dict(Instance.select(Instance.study, fn.COUNT(Instance.id)).where(Instance.study.in_(ids))
-                      .group_by(Instance.study).tuples())
+        counts = dict(rows(Instance.select(Instance.study, fn.COUNT(Instance.id)).where(Instance.study.in_(ids))
+                           .group_by(Instance.study), tuple[int, int]))
     return [
         UnmatchedStudy(uid, acc, pid, sdate, ",".join(sorted(m for m in mods.get(sid, set()) if m)) or "?",
                        int(counts.get(sid, 0)), received)
-        for sid, uid, acc, pid, sdate, received in rows
+        for sid, uid, acc, pid, sdate, received in studies
     ]
