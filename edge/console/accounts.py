@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import hmac
 import logging
 import math
 import re
@@ -38,6 +37,8 @@ from edge.orders.tables import audit
 from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
 from edge.store.db import write_transaction
 from edge.store.models import utcnow
+from edge.store.rows import rows
+from edge.web import new_csrf_token
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class SessionInfo:
 
 def new_session(user_id: int) -> tuple[str, SessionInfo]:
     """A fresh session (token for the cookie, CSRF token for the forms)."""
-    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+    token, csrf = secrets.token_urlsafe(32), new_csrf_token()
     with write_transaction():
         row = ConsoleSession.create(token_hash=_token_hash(token), user=user_id, csrf=csrf)
         user = ConsoleUser.get_by_id(user_id)
@@ -274,10 +275,6 @@ def end_session(token: str | None) -> None:
             ConsoleSession.delete().where(ConsoleSession.token_hash == _token_hash(token)).execute()
 
 
-def csrf_ok(expected: str, given: str | None) -> bool:
-    return bool(given) and hmac.compare_digest(expected.encode(), (given or "").encode())
-
-
 def list_users() -> list[dict[str, object]]:
     """Users with role and state.
 
@@ -285,9 +282,11 @@ def list_users() -> list[dict[str, object]]:
     right one (in the last day); each of them waits longer after its next wrong try.
     """
     since = utcnow() - FORGET_AFTER
-    failing = {name: count for name, count in
-               LoginDelay.select(LoginDelay.user_name, fn.COUNT(LoginDelay.id))
-               .where(LoginDelay.last_failure_at >= since).group_by(LoginDelay.user_name).tuples()}
+    failing = dict(rows(
+        LoginDelay.select(LoginDelay.user_name, fn.COUNT(LoginDelay.id))
+        .where(LoginDelay.last_failure_at >= since).group_by(LoginDelay.user_name),
+        tuple[str, int],
+    ))
     return [
         {"name": u.name, "role": u.role, "disabled": u.disabled,
          "wrong_login_addresses": int(failing.get(u.name, 0)),

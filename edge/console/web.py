@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,9 +20,10 @@ from typing import Any
 from aiohttp import web
 
 from edge.node.config import EdgeConfig
+from edge import web as shared
 from edge.console import accounts, actions, pages
 from edge.console.accounts import SessionInfo
-from edge.orders.matching import AssignError, assign_study, match_new_studies
+from edge.orders.matching import AssignError, assign_study
 from edge.orders.register import (
     ExamChoice,
     FormErrors,
@@ -42,6 +42,7 @@ from kiosk.tickets import issue_ticket
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
+TEMPLATE_DIR = Path(__file__).with_name("templates")
 COOKIE = "edge_console"
 LOGIN_COOKIE = "edge_console_login"
 SLIP_KEEP_S = 15 * 60.0  # the slip (with its PIN) can be opened this long after registering
@@ -87,12 +88,15 @@ def _session(request: web.Request) -> SessionInfo:
     return session
 
 
-def _client(request: web.Request) -> str:
-    return request.remote or "unknown"
+_client = shared.client_address
 
 
-def _html(text: str, status: int = 200) -> web.Response:
-    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
+def _page(template: str, request: web.Request, status: int = 200, **context: Any) -> web.Response:
+    """A page with the layout's clinic name, and the logged-in user's name, role and CSRF token."""
+    session: SessionInfo | None = request.get(SESSION)
+    layout = {"clinic": _ctx(request).config.node.name, "user": session.user if session else "",
+              "role": session.role if session else "", "csrf": session.csrf if session else ""}
+    return shared.render(template, request, status, **{**layout, **context})
 
 
 def _set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str) -> None:
@@ -110,32 +114,21 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Sessions and CSRF for everything but health, metrics, login and static files."""
     path = request.path
     if path in PUBLIC or path.startswith("/static/"):
-        return await _headers(await handler(request), path)
+        return await handler(request)
     cfg = _ctx(request).config.console
     session = await asyncio.to_thread(accounts.session_for, request.cookies.get(COOKIE), cfg.session_idle_minutes)
     if session is None:
         if request.method == "GET" and not path.startswith("/api/"):
             raise web.HTTPSeeOther("/login")
-        return await _headers(web.Response(status=401 if request.method == "GET" else 403,
-                                           text="Not logged in (or the session expired): log in again.\n"), path)
+        return web.Response(status=401 if request.method == "GET" else 403,
+                            text="Not logged in (or the session expired): log in again.\n")
     request[SESSION] = session
     if request.method == "POST":
         form = await request.post()
-        given = form.get("csrf")
-        if not isinstance(given, str) or not accounts.csrf_ok(session.csrf, given):
+        if not shared.csrf_ok(session.csrf, form.get(shared.CSRF_FIELD)):
             log.warning("console: POST %s by %s refused: missing or wrong CSRF token", path, session.user)
-            return await _headers(_forbidden("the form's security token is missing or old"), path)
-    return await _headers(await handler(request), path)
-
-
-async def _headers(response: web.StreamResponse, path: str) -> web.StreamResponse:
-    if path not in ("/healthz", "/metrics") and not path.startswith("/static/"):
-        response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Content-Security-Policy"] = "default-src 'self'; form-action 'self'; frame-ancestors 'none'"
-    return response
+            return _forbidden("the form's security token is missing or old")
+    return await handler(request)
 
 
 def _admin(request: web.Request) -> SessionInfo:
@@ -151,15 +144,13 @@ def _admin(request: web.Request) -> SessionInfo:
 def _login_token(request: web.Request) -> str:
     """The login form's double-submit token: kept while the browser has one, so a second
     tab (or the browser's favicon request landing here) does not invalidate the first form."""
-    current = request.cookies.get(LOGIN_COOKIE, "")
-    return current if 20 <= len(current) <= 64 and current.replace("-", "").replace("_", "").isalnum() \
-        else secrets.token_urlsafe(24)
+    return shared.kept_csrf_token(request.cookies.get(LOGIN_COOKIE, ""))
 
 
 async def login_form(request: web.Request) -> web.StreamResponse:
     token = _login_token(request)
     msg = pages.message_text(request.query.get("msg", ""))
-    response = _html(pages.login_page(_ctx(request).config.node.name, token, msg))
+    response = _page("login.html", request, csrf=token, message=msg, typed_user="")
     _set_cookie(request, response, LOGIN_COOKIE, token)
     return response
 
@@ -168,10 +159,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
     form = await request.post()
     expected = request.cookies.get(LOGIN_COOKIE, "")
-    given = form.get("csrf")
-    if not expected or not isinstance(given, str) or not accounts.csrf_ok(expected, given):
+    if not shared.csrf_ok(expected, form.get(shared.CSRF_FIELD)):
         log.warning("console: login from %s refused: missing or wrong CSRF token", _client(request))
-        return await _headers(_forbidden("the form's security token is missing or old"), request.path)
+        return _forbidden("the form's security token is missing or old")
     name, password = str(form.get("user", "")), str(form.get("password", ""))
     cfg = ctx.config.console
     result = await asyncio.to_thread(
@@ -179,8 +169,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         accounts.AddressBudget(cfg.login_address_failures, cfg.login_address_window_minutes))
     if not result.ok or result.user_id is None:
         token = _login_token(request)
-        response = _html(pages.login_page(ctx.config.node.name, token, result.message, name),
-                         status=429 if result.wait_s else 401)
+        response = _page("login.html", request, status=429 if result.wait_s else 401, csrf=token,
+                         message=result.message, typed_user=name)
         if result.wait_s:
             response.headers["Retry-After"] = str(result.wait_s)
         _set_cookie(request, response, LOGIN_COOKIE, token)
@@ -203,17 +193,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------- today
 
 
-def refresh_matches() -> None:
-    """Match what arrived since the last look; a failure here must not cost the page."""
-    try:
-        match_new_studies()
-        actions.raise_stat_arrivals()
-    except Exception:
-        log.exception("console: matching studies to orders failed")
-
-
 def _today_data() -> tuple[list[VisitRow], list[Any], list[dict[str, Any]]]:
-    refresh_matches()
+    """Reads only: matching and STAT happen where the images arrive (sync.arrivals), not when someone looks."""
     return visits_for_day(), unmatched_studies(), box_summaries()
 
 
@@ -224,13 +205,11 @@ def _box_signature(boxes: list[dict[str, Any]]) -> str:
 
 
 async def today(request: web.Request) -> web.StreamResponse:
-    ctx, session = _ctx(request), _session(request)
     rows, unmatched, boxes = await asyncio.to_thread(_today_data)
-    return _html(pages.today_page(
-        ctx.config.node.name, session.user, session.role, session.csrf, rows, unmatched, boxes,
-        ctx.config.console.refresh_s, pages.message_text(request.query.get("msg", "")),
-        pages.error_text(request.query.get("error", "")), box_signature=_box_signature(boxes),
-    ))
+    return _page("today.html", request, rows=rows, unmatched=unmatched, boxes=boxes,
+                 refresh_s=_ctx(request).config.console.refresh_s,
+                 message=pages.message_text(request.query.get("msg", "")),
+                 error=pages.error_text(request.query.get("error", "")), box_signature=_box_signature(boxes))
 
 
 async def api_today(request: web.Request) -> web.StreamResponse:
@@ -252,7 +231,8 @@ async def api_rows(request: web.Request) -> web.StreamResponse:
         raise web.HTTPBadRequest(text="ids must be numbers\n") from None
     rows = await asyncio.to_thread(visits_for_day)
     return web.json_response({
-        str(r.order_id): {"html": pages.visit_row(r, session.csrf), "sig": r.signature}
+        str(r.order_id): {"html": shared.render_fragment("visit_row.html", request, row=r, csrf=session.csrf),
+                          "sig": r.signature}
         for r in rows if r.order_id in wanted
     })
 
@@ -261,9 +241,9 @@ async def api_rows(request: web.Request) -> web.StreamResponse:
 
 
 async def register_form(request: web.Request) -> web.StreamResponse:
-    ctx, session = _ctx(request), _session(request)
-    return _html(pages.register_page(ctx.config.node.name, session.user, session.role, session.csrf, ctx.choices,
-                                     ctx.config.kiosk.languages))
+    ctx = _ctx(request)
+    return _page("register.html", request, choices=ctx.choices, languages=ctx.config.kiosk.languages, form={},
+                 errors={})
 
 
 def _register(ctx: ConsoleContext, form: Registration, language: str, by: str, client: str,
@@ -294,8 +274,10 @@ async def register(request: web.Request) -> web.StreamResponse:
         order_id = await asyncio.to_thread(_register, ctx, form, language, session.user, _client(request),
                                            session.session_id)
     except FormErrors as exc:
-        return _html(pages.register_page(ctx.config.node.name, session.user, session.role, session.csrf,
-                                         ctx.choices, ctx.config.kiosk.languages, values, exc.errors), status=422)
+        return _page("register.html", request, status=422, choices=ctx.choices,
+                     languages=ctx.config.kiosk.languages, form=values, errors=exc.errors)
+    if ctx.wake_sync is not None:  # images kept before the visit was registered (an emergency) find it now
+        ctx.wake_sync()
     raise web.HTTPSeeOther(f"/visits/{order_id}/registered")
 
 
@@ -314,8 +296,8 @@ async def registered(request: web.Request) -> web.StreamResponse:
     if row is None:
         raise web.HTTPNotFound(text="No such visit.\n")
     slip = ctx.slip(order_id, session.session_id)
-    return _html(pages.registered_page(ctx.config.node.name, session.user, session.role, session.csrf, row,
-                                       slip.code if slip else "", slip.pin if slip else "", modality))
+    return _page("registered.html", request, row=row, code=slip.code if slip else "", pin=slip.pin if slip else "",
+                 modality=modality)
 
 
 async def slip_pdf(request: web.Request) -> web.StreamResponse:
@@ -406,11 +388,10 @@ async def arm_box(request: web.Request) -> web.StreamResponse:
 
 
 async def users(request: web.Request) -> web.StreamResponse:
-    ctx, session = _ctx(request), _admin(request)
+    _admin(request)
     listing = await asyncio.to_thread(accounts.list_users)
-    return _html(pages.users_page(ctx.config.node.name, session.user, session.role, session.csrf, listing,
-                                  pages.message_text(request.query.get("msg", "")),
-                                  pages.error_text(request.query.get("error", ""))))
+    return _page("users.html", request, users=listing, message=pages.message_text(request.query.get("msg", "")),
+                 error=pages.error_text(request.query.get("error", "")))
 
 
 async def users_add(request: web.Request) -> web.StreamResponse:
@@ -443,15 +424,16 @@ def _audit_rows(limit: int = 300) -> list[dict[str, Any]]:
 
 
 async def audit(request: web.Request) -> web.StreamResponse:
-    ctx, session = _ctx(request), _session(request)
     rows = await asyncio.to_thread(_audit_rows)
-    return _html(pages.audit_page(ctx.config.node.name, session.user, session.role, session.csrf, rows))
+    return _page("audit.html", request, rows=rows)
 
 
 def add_routes(app: web.Application, config: EdgeConfig, wake_sync: Callable[[], None] | None = None) -> None:
     """The console's pages on the app that already serves /healthz and /metrics."""
     app[CONSOLE] = ConsoleContext(config, exam_choices(list(config.console.exams), config.console.xray_modality),
                                   wake_sync)
+    shared.setup_templates(app, TEMPLATE_DIR, **pages.TEMPLATE_GLOBALS)
+    app.middlewares.append(shared.security_headers())
     app.middlewares.append(guard)
     r = app.router
     r.add_get("/login", login_form)
