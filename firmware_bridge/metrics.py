@@ -59,6 +59,7 @@ class BridgeCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from peewee import fn
 
+        from edge.store.rows import rows
         from firmware_bridge.boxes import box_summaries
         from firmware_bridge.tables import EcgRecording
 
@@ -69,9 +70,10 @@ class BridgeCollector(Collector):
             if box["battery_pct"] is not None:  # no STATUS since its HELLO yet
                 battery.add_metric([box["box_id"]], box["battery_pct"])
             lead_off.add_metric([box["box_id"]], 1.0 if box["lead_off"] else 0.0)
-        counts = dict(
-            EcgRecording.select(EcgRecording.state, fn.COUNT(EcgRecording.id)).group_by(EcgRecording.state).tuples()
-        )
+        counts = dict(rows(
+            EcgRecording.select(EcgRecording.state, fn.COUNT(EcgRecording.id)).group_by(EcgRecording.state),
+            tuple[str, int],
+        ))
         for state in (*RECORDING_STATES, *sorted(set(counts) - set(RECORDING_STATES))):
             recordings.add_metric([state], counts.get(state, 0))
         yield from (connected_family, battery, lead_off, recordings)

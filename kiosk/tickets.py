@@ -21,6 +21,7 @@ from edge.check_digit import luhn_digit, luhn_ok
 from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
 from edge.store.db import write_transaction
 from edge.store.models import Study, utcnow
+from edge.store.rows import row
 from kiosk.const import CODE_DIGITS, COUNTED_PRINTS, FAILED_LOOKUPS, PIN_FAILURES_KEPT_DAYS
 from kiosk.tables import KioskAudit, PinGuard, Ticket
 from sync.reports import ReportView, report_for_study
@@ -161,7 +162,9 @@ def throttle_wait_s(client: str, settings: GuardSettings, now: dt.datetime | Non
 
 
 def _pause(where: Expression, budget: int, settings: GuardSettings, now: dt.datetime) -> float:
-    failures, last = KioskAudit.select(fn.COUNT(KioskAudit.id), fn.MAX(KioskAudit.at)).where(where).tuples().get()
+    failures, last = row(
+        KioskAudit.select(fn.COUNT(KioskAudit.id), fn.MAX(KioskAudit.at)).where(where), tuple[int, dt.datetime | str | None]
+    )
     excess = int(failures) - budget
     if excess < 0 or last is None:
         return 0.0

@@ -30,6 +30,7 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
+from edge.store.rows import rows
 from edge.store.spool import fsync_dir
 from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
 from sync.dicomweb import (
@@ -362,9 +363,8 @@ class ReportPuller:
             )
             .order_by(fn.COALESCE(ReportPoll.next_poll_at, Study.received_at), Study.id)
             .limit(settings.max_studies_per_round)
-            .tuples()
         )
-        return [_DueStudy(int(row_id), str(uid)) for row_id, uid in query]
+        return [_DueStudy(int(row_id), str(uid)) for row_id, uid in rows(query, tuple[int, str])]
 
     # ------------------------------------------------------------------ one study
 
@@ -556,8 +556,8 @@ def _known_reports(sop_uids: list[str]) -> set[str]:
     wanted = [u for u in sop_uids if u]
     if not wanted:
         return set()
-    query = Report.select(Report.sop_instance_uid).where(Report.sop_instance_uid.in_(wanted)).tuples()
-    return {uid for (uid,) in query}
+    query = Report.select(Report.sop_instance_uid).where(Report.sop_instance_uid.in_(wanted))
+    return {uid for (uid,) in rows(query, tuple[str])}
 
 
 def _is_uid(value: str) -> bool:

@@ -18,6 +18,7 @@ from peewee import DatabaseError, fn
 
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
+from edge.store.rows import rows
 from edge.store.spool import Spool, is_out_of_space
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def evictable_studies(older_than: dt.datetime | None = None) -> list[Study]:
     )
     if older_than is not None:
         kept = kept.having(fn.MAX(Outbox.synced_at) < older_than)
-    ids = [row.study_id for row in kept.order_by(fn.MAX(Outbox.synced_at))]
+    ids = [study_id for study_id, _ in rows(kept.order_by(fn.MAX(Outbox.synced_at)), tuple[int, dt.datetime])]
     by_id = {s.id: s for s in Study.select().where(Study.id.in_(ids))} if ids else {}
     return [by_id[i] for i in ids if i in by_id]
 
