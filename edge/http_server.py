@@ -19,6 +19,7 @@ import logging
 import resource
 import ssl
 from dataclasses import dataclass
+import typing
 from typing import Any
 
 from aiohttp import web
@@ -102,7 +103,7 @@ class _GuardedConnection(asyncio.Protocol):
     def __init__(self, guard: _Guard) -> None:
         self._guard = guard
         self._handler: asyncio.Protocol | None = None
-        self._transport: asyncio.BaseTransport | None = None
+        self._transport: asyncio.Transport | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._tail = b""
 
@@ -115,7 +116,7 @@ class _GuardedConnection(asyncio.Protocol):
             transport.close()
             return
         guard.accept()
-        self._transport = transport
+        self._transport = typing.cast(asyncio.Transport, transport)  # a stream server's is always a Transport
         self._head_timer = asyncio.get_running_loop().call_later(guard.limits.header_timeout_s, self._head_late)
         self._handler = guard.make_handler()
         self._handler.connection_made(transport)

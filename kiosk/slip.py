@@ -11,7 +11,7 @@ from reportlab.lib.pagesizes import A6
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.pdfgen.canvas import Canvas
-from reportlab.platypus import Frame
+from reportlab.platypus import Flowable, Frame
 
 from kiosk.fonts import page_fonts
 from kiosk.i18n import load_catalog
@@ -67,7 +67,7 @@ def render_slip(
     if expires_at is not None:
         day = expires_at.date() if isinstance(expires_at, dt.datetime) else expires_at
         lines.append(t("slip_expires", date=day.isoformat()))
-    story = [paragraph(line, style) for line in lines]
+    story: list[Flowable] = [paragraph(line, style) for line in lines]
     Frame(margin, margin, width - 2 * margin, y - margin, leftPadding=0, rightPadding=0, showBoundary=0).addFromList(story, c)
     c.showPage()
     c.save()

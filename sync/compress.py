@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 from pydicom import dcmread, dcmwrite
@@ -138,16 +138,14 @@ def check_codecs(method: CompressMethod) -> None:
         )
     # A broken native library imports fine and fails on first use: prove it works now.
     sample = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 61) % 4096
+    # A plain mapping: pydicom 3.0 annotates as_array's **kwargs as DecodeOptions itself, not Unpack[...].
+    pixels: dict[str, Any] = dict(
+        rows=64, columns=64, samples_per_pixel=1, bits_allocated=16, bits_stored=12, pixel_representation=0,
+        photometric_interpretation="MONOCHROME2", number_of_frames=1,
+    )
     try:
-        frame = encoder.encode(
-            sample, encoding_plugin=plugin, rows=64, columns=64, samples_per_pixel=1,
-            bits_allocated=16, bits_stored=12, pixel_representation=0,
-            photometric_interpretation="MONOCHROME2", number_of_frames=1,
-        )
-        decoded, _ = decoder.as_array(
-            encapsulate([frame]), rows=64, columns=64, samples_per_pixel=1, bits_allocated=16, bits_stored=12,
-            pixel_representation=0, photometric_interpretation="MONOCHROME2", number_of_frames=1,
-        )
+        frame = encoder.encode(sample, encoding_plugin=plugin, **pixels)
+        decoded, _ = decoder.as_array(encapsulate([frame]), **pixels)
     except Exception as exc:
         raise RuntimeError(f"compress = {method!r}: the {uid.name} codec failed a self-test: {exc}") from exc
     if not np.array_equal(decoded, sample):

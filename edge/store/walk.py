@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -232,7 +232,7 @@ class _Walk:
         self.limits = limits
         self.wanted = wanted
         self.elements = 0
-        self.values: dict[BaseTag, RawDataElement] = {}
+        self.values: dict[BaseTag, DataElement | RawDataElement] = {}  # what Dataset() takes
         endian = "<" if little_endian else ">"
         self._tag_length = struct.Struct(endian + "HHL").unpack
         self._explicit = struct.Struct(endian + "HH2sH").unpack
