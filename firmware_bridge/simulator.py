@@ -138,6 +138,9 @@ class SoftwareBox:
         self._recording = False
         self._rec_counter = self.rng.randrange(1, 2**31)
         self._pending: tuple[int, list[tuple[Msg, bytes]], float] | None = None  # unacked recording
+        # The reader thread's ACKs and NAKs and the main loop's offers change _pending and the ACKed
+        # list together under this lock, so the loop never sees a recording ACKed but not yet counted.
+        self._held = threading.Lock()
         self._replay = threading.Event()
         self._replay_after = 0.0
         self._fw: dict[str, object] = {}
@@ -216,10 +219,12 @@ class SoftwareBox:
         if kind == Msg.HOST_HELLO:
             self._hello_wanted.set()
         elif isinstance(msg, Ack) and msg.ref_type == Msg.REC_END:
-            pending = self._pending
-            if pending and pending[0] == msg.arg:
-                self._pending = None
-                self.stats.recordings_acked.append(msg.arg)
+            with self._held:
+                acked = self._pending is not None and self._pending[0] == msg.arg
+                if acked:
+                    self._pending = None
+                    self.stats.recordings_acked.append(msg.arg)
+            if acked:
                 log.info("ecg-sim: recording %d acknowledged by the node", msg.arg)
         elif isinstance(msg, NakMsg) and msg.ref_type == Msg.HELLO:
             self.refused = True  # a real box shows this on its display
@@ -228,15 +233,19 @@ class SoftwareBox:
             log.warning("ecg-sim: the node refused this box's HELLO (NAK %s%s)", _nak_name(msg.reason),
                         f": lead set lacks {', '.join(missing)}" if missing else "")
         elif isinstance(msg, NakMsg) and msg.ref_type == Msg.REC_END:
-            if self._pending and self._pending[0] == msg.arg and msg.reason == Nak.UNSUPPORTED:
-                self._pending = None  # the node can never keep it: offering it again would only repeat this
-                self.stats.naks_unsupported += 1
+            with self._held:
+                if self._pending is None or self._pending[0] != msg.arg:
+                    return
+                if msg.reason == Nak.UNSUPPORTED:
+                    self._pending = None  # the node can never keep it: offering it again would only repeat this
+                    self.stats.naks_unsupported += 1
+                else:
+                    if msg.reason == Nak.STORAGE:  # the node's disk is full: give it time
+                        self.stats.naks_storage += 1
+                        self._replay_after = time.monotonic() + STORAGE_RETRY_S / self.speed
+                    self._replay.set()
+            if msg.reason == Nak.UNSUPPORTED:
                 log.warning("ecg-sim: recording %d refused for good by the node (NAK UNSUPPORTED)", msg.arg)
-            elif self._pending and self._pending[0] == msg.arg:
-                if msg.reason == Nak.STORAGE:  # the node's disk is full: give it time
-                    self.stats.naks_storage += 1
-                    self._replay_after = time.monotonic() + STORAGE_RETRY_S / self.speed
-                self._replay.set()
         elif Msg.FW_BEGIN <= kind <= Msg.FW_ROLLBACK:
             self._firmware(kind, seq, msg)
 
@@ -306,7 +315,8 @@ class SoftwareBox:
     @property
     def unacknowledged(self) -> int | None:
         """The finished recording the box still holds for the node, if any."""
-        return self._pending[0] if self._pending else None
+        pending = self._pending  # one read: the reader thread may clear it meanwhile
+        return pending[0] if pending else None
 
     def done(self) -> bool:
         return bool(self.recordings) and len(set(self.stats.recordings_acked)) >= self.recordings  # an ACK may come twice
@@ -337,11 +347,9 @@ class SoftwareBox:
                 if self._replay.is_set() and self._pending is not None and time.monotonic() >= self._replay_after:
                     self._replay.clear()
                     self._replay_pending()
-                elif self._pending is not None and time.monotonic() - self._pending[2] > ACK_TIMEOUT_S:
-                    rec_id, frames, _ = self._pending
-                    self._pending = (rec_id, frames, time.monotonic())
-                    self._send(Msg.REC_END, frames[-1][1])
-                if now >= next_record and not self._fw and self._pending is None and not self.refused:
+                elif (rec_end := self._ack_overdue()) is not None:
+                    self._send(Msg.REC_END, rec_end)
+                if now >= next_record and not self._fw and not self.refused and self._button_wanted():
                     unplug_at = 0.4 if ("disconnect" in self.inject and not disconnected_once) else None
                     self._record(unplug_at)
                     disconnected_once = disconnected_once or unplug_at is not None
@@ -354,6 +362,24 @@ class SoftwareBox:
             self._stop.set()
             reader.join(1.0)
         return self.stats
+
+    def _ack_overdue(self) -> bytes | None:
+        """The held recording's REC_END, to say again, once the node has been silent on it for ACK_TIMEOUT_S."""
+        with self._held:
+            if self._pending is None or time.monotonic() - self._pending[2] <= ACK_TIMEOUT_S:
+                return None
+            rec_id, frames, _ = self._pending
+            self._pending = (rec_id, frames, time.monotonic())
+            return frames[-1][1]
+
+    def _button_wanted(self) -> bool:
+        """Nothing held for the node and recordings still wanted: asked in one look, under the lock.
+
+        The ACK that frees the box also completes what it was asked for; looking at the two apart
+        let an ACK landing in between start one recording too many (the CI flake of the full-disk test).
+        """
+        with self._held:
+            return self._pending is None and not self.done()
 
     def _sim_now(self) -> float:
         return (time.monotonic() - self._clock0) * self.speed
@@ -410,20 +436,30 @@ class SoftwareBox:
         if self.keep_samples:
             self.stats.sent_samples[rec_id] = np.concatenate(blocks)
         frames.append((Msg.REC_END, RecEnd(rec_id, total).pack()))
-        self._send(*frames[-1])
         self._recording = False
-        self._pending = (rec_id, frames, time.monotonic())
+        with self._held:  # held before REC_END leaves: a fast node's answer finds what it answers
+            self._pending = (rec_id, frames, time.monotonic())
+        self._send(*frames[-1])
         log.info("ecg-sim: box %s recording %d sent (%d samples per lead)", self.box_id, rec_id, total)
 
     def _replay_pending(self) -> None:
         """Offer the unacknowledged recording again, whole, at line speed."""
-        assert self._pending is not None
-        rec_id, frames, _ = self._pending
+        with self._held:
+            if self._pending is None:
+                return
+            rec_id, frames, _ = self._pending
         log.info("ecg-sim: offering recording %d again", rec_id)
         for msg, payload in frames:
+            if msg == Msg.REC_END:
+                self._restart_ack_wait(rec_id)  # before it leaves: the ACK may come back at once
             self._send(msg, payload)
             self._stop.wait(len(payload) * 10 / self.baud / self.speed)
-        self._pending = (rec_id, frames, time.monotonic())
+
+    def _restart_ack_wait(self, rec_id: int) -> None:
+        """The ACK timeout counts from this REC_END, if the node has not ACKed ``rec_id`` meanwhile."""
+        with self._held:
+            if self._pending is not None and self._pending[0] == rec_id:
+                self._pending = (rec_id, self._pending[1], time.monotonic())
 
     def _unplug_replug(self, pause: float = 1.0) -> None:
         log.info("ecg-sim: box %s unplugged", self.box_id)
