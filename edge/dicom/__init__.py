@@ -1,11 +1,14 @@
 """The node's DICOM service (pynetdicom): C-ECHO, durable C-STORE and the worklist C-FIND.
 
-Where the node reaches into pynetdicom's internals, and why; each is installed at import
-of ``edge.dicom.service`` and covered by a test that fails if a pynetdicom upgrade moves it
-(hence ``pynetdicom>=3.0,<3.1`` in pyproject.toml):
+Where the node reaches into pynetdicom's internals, and why; each is installed by
+``DicomService.start()`` (``edge.dicom.patches.install()``, never at import: importing the node
+leaves pynetdicom as it is, tests/edge/test_dicom_patches.py), which first refuses a pynetdicom
+version the patches were not written for (``patches.KNOWN_PYNETDICOM_VERSIONS``), and each is
+covered by a test that fails if a pynetdicom upgrade moves it:
 
 - ``receive_file``: the temp file a C-STORE streams into survives a full disk, so the
-  modality gets 0xA700 instead of an abort (the full-disk tests in tests/edge/test_bad_input.py).
+  modality gets 0xA700 instead of an abort (the full-disk tests in tests/edge/test_bad_input.py);
+  it is made in the spool's temp folder with ``dir=`` (``tempfile.tempdir`` is left alone).
   It also stops at ``[storage] max_instance_mb``: the rest of an endless data set is dropped
   and the C-STORE answered 0xA700 (tests/edge/test_dimse_memory.py).
 - ``assembly``: ``DIMSEMessage.decode_msg`` wrapped so a received message's command set

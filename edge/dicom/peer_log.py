@@ -6,7 +6,7 @@ in a PDU. Left alone, one peer in a loop would fill the SD card. These filters o
 pynetdicom's loggers (they match its message texts) fold such lines into one with the
 peer's address, drop those the node has already said in its own words, and write at most
 ``LINES_PER_CONNECTION`` per connection thread, control characters replaced. They are
-installed at import.
+installed by ``install()`` (edge.dicom.patches, from the DICOM service's start).
 """
 
 from __future__ import annotations
@@ -141,15 +141,16 @@ class _SaidByEndBroken(logging.Filter):
             ("Invalid event '", "State Machine received an exception")))
 
 
-logging.getLogger("pynetdicom.dul").addFilter(_QuietAfterOurClose())
-logging.getLogger("pynetdicom.association").addFilter(_QuietAfterOurClose())
-logging.getLogger("pynetdicom.dul").addFilter(_OneLineForUndecodable())
-logging.getLogger("pynetdicom.utils").addFilter(_OneLineForUndecodable())  # AE titles and UIDs that are not ASCII
-logging.getLogger("pynetdicom.fsm").addFilter(_SaidByEndBroken())
-for _name in ("pynetdicom", "pynetdicom._validators", "pynetdicom.acse", "pynetdicom.association", "pynetdicom.dimse",
-              "pynetdicom.dimse_messages", "pynetdicom.dimse_primitives", "pynetdicom.dsutils", "pynetdicom.dul",
-              "pynetdicom.events", "pynetdicom.fsm", "pynetdicom.pdu", "pynetdicom.pdu_items",
-              "pynetdicom.pdu_primitives", "pynetdicom.presentation", "pynetdicom.service_class",
-              "pynetdicom.transport", "pynetdicom.utils", "pydicom"):
-    logging.getLogger(_name).addFilter(_LinesPerConnection())  # after the filters above: counts what is kept
-
+def install() -> None:
+    """Put the filters on pynetdicom's and pydicom's loggers (edge.dicom.patches, once per process)."""
+    logging.getLogger("pynetdicom.dul").addFilter(_QuietAfterOurClose())
+    logging.getLogger("pynetdicom.association").addFilter(_QuietAfterOurClose())
+    logging.getLogger("pynetdicom.dul").addFilter(_OneLineForUndecodable())
+    logging.getLogger("pynetdicom.utils").addFilter(_OneLineForUndecodable())  # AE titles and UIDs that are not ASCII
+    logging.getLogger("pynetdicom.fsm").addFilter(_SaidByEndBroken())
+    for name in ("pynetdicom", "pynetdicom._validators", "pynetdicom.acse", "pynetdicom.association", "pynetdicom.dimse",
+                 "pynetdicom.dimse_messages", "pynetdicom.dimse_primitives", "pynetdicom.dsutils", "pynetdicom.dul",
+                 "pynetdicom.events", "pynetdicom.fsm", "pynetdicom.pdu", "pynetdicom.pdu_items",
+                 "pynetdicom.pdu_primitives", "pynetdicom.presentation", "pynetdicom.service_class",
+                 "pynetdicom.transport", "pynetdicom.utils", "pydicom"):
+        logging.getLogger(name).addFilter(_LinesPerConnection())  # after the filters above: counts what is kept

@@ -15,8 +15,12 @@ space is otherwise refused only at ``min_free_mb``, after the data has arrived);
 bytes past the cap are read and dropped, as long as the peer keeps its PDU deadlines, which
 costs the node no more than a modality sending images back to back.
 
+The file is made in the spool's temp folder (:func:`set_temp_dir`, passed as ``dir=``), on the
+data disk, so keep_instance's rename into place is atomic and a power cut leaves it where
+reconcile looks; ``tempfile.tempdir`` stays the process's (the kiosk's and sync's temp files).
+
 Installed by replacing the name pynetdicom looks up (``dimse_messages.NamedTemporaryFile``):
-a library internal, checked by the full-disk test on every run.
+a library internal (edge.dicom.patches), checked by the full-disk test on every run.
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ _full: set[str] = set()
 _too_large: set[str] = set()
 _full_lock = threading.Lock()
 _max_bytes: int | None = None
+_temp_dir: str | None = None
 
 
 class SpaceAwareTempFile:
     """A NamedTemporaryFile whose writes never raise for lack of space."""
 
     def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("dir", _temp_dir)  # pynetdicom passes none: on the data disk, not in /tmp
         self._file = tempfile.NamedTemporaryFile(**kwargs)  # noqa: SIM115 - pynetdicom closes it
         self.name: str = self._file.name
         self.disk_full = False
@@ -135,6 +141,12 @@ def set_max_bytes(max_bytes: int) -> None:
     """The largest dataset a C-STORE may write to disk (``[storage] max_instance_mb``), process-wide."""
     global _max_bytes
     _max_bytes = max_bytes
+
+
+def set_temp_dir(path: os.PathLike[str] | str) -> None:
+    """Where received datasets are streamed (the spool's temp folder), process-wide."""
+    global _temp_dir
+    _temp_dir = os.fspath(path)
 
 
 def install() -> None:

@@ -12,27 +12,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
-    _config,
     evt,
 )
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification  # type: ignore[attr-defined]
 from pynetdicom.utils import make_target
 
-from edge.dicom import assembly, availability, find_responses, metrics, receive_file, worklist
+from edge.dicom import availability, metrics, patches, receive_file, worklist
 from edge.dicom.connections import (
     AssociationServer,
     SlotRequestHandler,
@@ -63,31 +61,13 @@ if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
 
 log = logging.getLogger(__name__)
 
-# Process-wide pynetdicom switches: stream datasets to disk, keep identifiers out of logs.
-_config.STORE_RECV_CHUNKED_DATASET = True
-# pynetdicom deep-copies the AE's presentation contexts for every association: with every
-# storage SOP class times every transfer syntax that is thousands of UIDs, each re-validated
-# on copy (~100 ms per association on the clinic box). UIDs are immutable strings, so a copy
-# may be the same object.
-UID.__deepcopy__ = lambda self, memo: self  # type: ignore[method-assign,assignment]
-receive_file.install()  # a disk that fills mid-transfer gets 0xA700, not an abort
-assembly.install()  # a message whose fragments never end is aborted, not held in memory
-find_responses.install()  # a 500-item worklist answer without 500 rebuilt command sets
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_HANDLER_LEVEL = "none"  # no per-PDU and per-message debug handlers: they cost on every C-FIND answer and P-DATA
-_config.LOG_RESPONSE_IDENTIFIERS = False
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-# pydicom says a malformed value (a peer's UID) twice: on its logger, budgeted per connection in
-# edge.dicom.peer_log, and as a UserWarning on stderr, unbudgeted and with the peer's bytes.
-warnings.filterwarnings("ignore", message=r".*(Invalid value for VR|allowed for VR)", category=UserWarning)
-
 OnKept = Callable[[KeptInstance], None]
 # The worklist refuses a peer that is not one of the clinic's modalities with "Unable to process" and a comment:
 # a DR shows that failure (0x0124 "Not Authorized" is not in the C-FIND table; findscu prints "Unknown Status").
 STATUS_FIND_REFUSED = 0xC000
 
 
-def _calling(event: Any) -> str:
+def _calling(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
@@ -142,13 +122,18 @@ class DicomService:
         return ae
 
     async def start(self) -> None:
-        """Listen for associations; the spool's temp dir receives the streamed datasets."""
-        # pynetdicom creates its temp file with tempfile; keep it on the spool's filesystem
-        # so the rename into place is atomic (and a power cut leaves it where reconcile looks).
-        tempfile.tempdir = str(self.spool.tmp)
+        """Listen for associations; the spool's temp dir receives the streamed datasets.
+
+        Installs the node's pynetdicom patches first (edge.dicom.patches): an unknown
+        pynetdicom version stops start-up here, with its version in the message.
+        """
+        patches.install()
+        # pynetdicom's temp file goes on the spool's filesystem (``dir=``, not tempfile.tempdir) so
+        # the rename into place is atomic (and a power cut leaves it where reconcile looks).
+        receive_file.set_temp_dir(self.spool.tmp)
         receive_file.set_max_bytes(DecodeLimits.from_storage(self.config.storage).max_bytes)  # no endless temp file
         cfg = self.config.dicom
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -216,12 +201,13 @@ class DicomService:
         else:
             self._availability_failed = False
 
-    def _on_requested(self, event: Any) -> None:
+    def _on_requested(self, event: Event) -> None:
         """The AE title is known now: a modality's address calling with another AE title counts as a stranger."""
         slot = slot_of(event.assoc)
         if slot is None:
             return
-        slot.ae_title = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # not yet in requestor.ae_title
+        request = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ: set before EVT_REQUESTED fires
+        slot.ae_title = str(request.calling_ae_title if request is not None else "").strip()  # not yet in requestor.ae_title
         if self.slots.confirm(slot, self.modalities.is_modality(slot.ae_title, slot.address)):
             return
         if self._server is not None:
@@ -233,7 +219,7 @@ class DicomService:
         event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, local-limit-exceeded
         event.assoc.kill()  # as pynetdicom's own rejection does: until the RJ is out and the peer has gone
 
-    def _on_accepted(self, event: Any) -> None:
+    def _on_accepted(self, event: Event) -> None:
         with self._lock:
             self._accepted.add(id(event.assoc))
         metrics.ASSOCIATIONS_OPEN.inc()
@@ -248,13 +234,13 @@ class DicomService:
         if rejected:
             log.debug("dicom: SOP classes refused for %s: %s", _calling(event), " ".join(rejected))
 
-    def _on_ending(self, event: Any) -> None:
+    def _on_ending(self, event: Event) -> None:
         """Released, aborted or rejected: the DR's next association must not wait for this thread to end."""
         slot = slot_of(event.assoc)
         if slot is not None:
             self.slots.ending(slot)
 
-    def _on_rejected(self, event: Any) -> None:
+    def _on_rejected(self, event: Event) -> None:
         self._on_ending(event)
         metrics.ASSOCIATIONS_REJECTED.inc()
         answer = event.assoc.acceptor.primitive
@@ -267,7 +253,7 @@ class DicomService:
             "too many associations open" if too_many else "calling AE not allowed or called AE wrong",
         )
 
-    def _on_aborted(self, event: Any) -> None:
+    def _on_aborted(self, event: Event) -> None:
         self._on_ending(event)
         slot = slot_of(event.assoc)
         if slot is not None and slot.closed_by_us:
@@ -281,7 +267,7 @@ class DicomService:
             return
         log.warning("dicom: association from %s (%s) aborted", _calling(event), event.assoc.requestor.address)
 
-    def _on_closed(self, event: Any) -> None:
+    def _on_closed(self, event: Event) -> None:
         with self._lock:
             counted = id(event.assoc) in self._accepted
             self._accepted.discard(id(event.assoc))
@@ -291,22 +277,23 @@ class DicomService:
         if not database.is_closed():
             database.close()
 
-    def _on_store(self, event: Any) -> int | Dataset:
+    def _on_store(self, event: Event) -> int | Dataset:
         """Keep the instance durably, then answer; every failure gets a DICOM status."""
         calling = _calling(event)
+        instance_uid = cast(C_STORE, event.request).AffectedSOPInstanceUID
         too_large = receive_file.passed_max_bytes(event.dataset_path)  # asked first: each is asked once
         if receive_file.ran_out_of_space(event.dataset_path):
             metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
             log.error(
                 "dicom: refused instance %s from %s: the disk filled while it was received",
-                event.request.AffectedSOPInstanceUID, calling,
+                instance_uid, calling,
             )
             return failure_status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
         if too_large:
             metrics.CSTORE_RESULTS.labels("rejected").inc()
             reason = DecodeLimits.from_storage(self.config.storage).too_large()
             log.warning("dicom: refused instance %s from %s: %s, dropped while it was received (status 0x%04X)",
-                        event.request.AffectedSOPInstanceUID, calling, reason, STATUS_OUT_OF_RESOURCES)
+                        instance_uid, calling, reason, STATUS_OUT_OF_RESOURCES)
             return failure_status(STATUS_OUT_OF_RESOURCES, reason)
         if self.spool.free_mb() < self.config.storage.min_free_mb and self.make_room is not None:
             try:
@@ -317,7 +304,7 @@ class DicomService:
             metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
             log.error(
                 "dicom: refused instance %s from %s: disk almost full (%.0f MB free, minimum %d MB)",
-                event.request.AffectedSOPInstanceUID,
+                instance_uid,
                 calling,
                 self.spool.free_mb(),
                 self.config.storage.min_free_mb,
@@ -331,7 +318,7 @@ class DicomService:
             metrics.CSTORE_RESULTS.labels("rejected").inc()
             log.warning(
                 "dicom: refused instance %s from %s: %s (status 0x%04X)",
-                event.request.AffectedSOPInstanceUID,
+                instance_uid,
                 calling,
                 exc.reason,
                 exc.status,
@@ -339,7 +326,7 @@ class DicomService:
             return failure_status(exc.status, exc.reason)
         except Exception:  # a bug must not take the association thread down silently
             metrics.CSTORE_RESULTS.labels("error").inc()
-            log.exception("dicom: failed to keep instance %s from %s", event.request.AffectedSOPInstanceUID, calling)
+            log.exception("dicom: failed to keep instance %s from %s", instance_uid, calling)
             return failure_status(STATUS_PROCESSING_FAILURE, "edge node could not keep the instance")
         metrics.CSTORE_RESULTS.labels("duplicate" if kept.duplicate else "kept").inc()
         if not kept.duplicate:
@@ -349,7 +336,7 @@ class DicomService:
         return STATUS_SUCCESS
 
 
-    def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    def _on_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """Modality Worklist C-FIND: for the clinic's modalities only (AE title and address), the window's orders.
 
         A stranger, or any caller while no modality is configured, gets one refusal whose
@@ -368,7 +355,7 @@ class DicomService:
                                     "AE title and address match no configured modality")
             return
         syntax = event.context.transfer_syntax
-        raw = event.request.Identifier
+        raw = cast(C_FIND, event.request).Identifier
 
         def read() -> Dataset:
             data = raw.getvalue() if raw is not None else b""
