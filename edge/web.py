@@ -19,10 +19,8 @@ from typing import Any
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware  # aiohttp's own: app.middlewares holds its Middleware protocol
 from jinja2.ext import Extension
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 # One policy for both apps, the stricter of what each sent: nothing from elsewhere (no inline
 # script, no data: images), forms post only here, and no other site may frame a page.
