@@ -109,7 +109,7 @@ class DicomService:
         ae.network_timeout = cfg.network_timeout_s
         # A connection that never completes an association (a port scan, a broken PDU) holds
         # a slot until the ACSE (ARTIM) timer fires, even after the peer has gone: keep it short.
-        ae.acse_timeout = min(cfg.network_timeout_s, ACSE_TIMEOUT_S)
+        ae.acse_timeout = self._acse_timeout_s()
         ae.dimse_timeout = cfg.network_timeout_s
         ae.require_called_aet = cfg.require_called_aet
         if cfg.allowed_calling_aets:
@@ -118,8 +118,12 @@ class DicomService:
         ae.add_supported_context(ModalityWorklistInformationFind)  # the DR reads its worklist here
         transfer_syntaxes = accepted_transfer_syntaxes(list(ALL_TRANSFER_SYNTAXES))
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
+            if context.abstract_syntax is not None:  # always set in pynetdicom's list; typed optional
+                ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
         return ae
+
+    def _acse_timeout_s(self) -> float:
+        return min(self.config.dicom.network_timeout_s, ACSE_TIMEOUT_S)
 
     async def start(self) -> None:
         """Listen for associations; the spool's temp dir receives the streamed datasets.
@@ -151,7 +155,7 @@ class DicomService:
             server_class=AssociationServer,
             request_handler=SlotRequestHandler,
         ))
-        server.setup_slots(self.slots, first_pdu_s=ae.acse_timeout, pdu_s=cfg.network_timeout_s,
+        server.setup_slots(self.slots, first_pdu_s=self._acse_timeout_s(), pdu_s=cfg.network_timeout_s,
                            max_pdu_bytes=cfg.max_pdu_bytes)
         name = f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}"
         self._server_thread = threading.Thread(target=make_target(server.serve_forever), name=name, daemon=True)

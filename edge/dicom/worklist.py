@@ -34,6 +34,7 @@ from edge.dicom.status import failure_status
 from edge.orders.tables import Audit, Order, Visit, audit
 from edge.store.db import write_transaction
 from edge.store.models import utcnow
+from edge.store.rows import rows_into
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -222,9 +223,8 @@ def scheduled_items(query: WorklistQuery) -> list[WorklistItem]:
         .join(Visit)
         .where(Order.scheduled_date.between(query.date_from, query.date_to), Order.state != "cancelled")
         .order_by(Order.scheduled_date, Order.scheduled_time, Order.id)
-        .tuples()
     )
-    items = [WorklistItem(*row) for row in rows]
+    items = rows_into(rows, WorklistItem)
     return [
         i for i in items
         if matches(query.modality, i.modality)
