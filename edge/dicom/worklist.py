@@ -214,7 +214,7 @@ class WorklistItem:
 
 def scheduled_items(query: WorklistQuery) -> list[WorklistItem]:
     """The orders on the worklist for the query: one indexed read, then filters in memory."""
-    rows = (
+    orders = (
         Order.select(
             Visit.patient_name, Visit.patient_id, Visit.birth_date, Visit.sex, Order.accession_number,
             Order.study_instance_uid, Order.exam, Order.modality, Order.station_ae, Order.scheduled_date,
@@ -224,7 +224,7 @@ def scheduled_items(query: WorklistQuery) -> list[WorklistItem]:
         .where(Order.scheduled_date.between(query.date_from, query.date_to), Order.state != "cancelled")
         .order_by(Order.scheduled_date, Order.scheduled_time, Order.id)
     )
-    items = rows_into(rows, WorklistItem)
+    items = rows_into(orders, WorklistItem)
     return [
         i for i in items
         if matches(query.modality, i.modality)
