@@ -78,7 +78,7 @@ def run_one_method(method: str, files: list[Path]) -> dict[str, object]:
 
 def write_synthetic(dest: Path, count: int, side: int) -> list[Path]:
     """Write `count` DR-size images, each from its own seed, as explicit VR little endian."""
-    from tests.sync.test_compress import dr_like_pixels, write_dr
+    from tests.dicom_factory import dr_like_pixels, write_dr
 
     paths = []
     for i in range(count):

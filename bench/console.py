@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pydicom.dataset import FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from tests.conftest import EdgeNode, wait_for_port  # noqa: E402
+from tests.node import EdgeNode, wait_for_port  # noqa: E402
 from tests.console.helpers import ConsoleClient, add_user  # noqa: E402
 
 FINDSCU = "/usr/bin/findscu"

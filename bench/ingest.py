@@ -62,7 +62,7 @@ from common import (
     stop,
     write_edge_toml,
 )
-from tests.conftest import free_port  # the checkout is on sys.path once common is imported
+from tests.node import free_port  # the checkout is on sys.path once common is imported; no pytest there
 
 STORESCU = "/usr/bin/storescu"  # DCMTK; the bare names on PATH may be pynetdicom's apps
 STORESCP = "/usr/bin/storescp"

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 
 from edge.check_digit import luhn_digit
-from tests.kiosk.conftest import KioskNode, issue
+from tests.kiosk.node import KioskNode, issue
 
 UNKNOWN = "492914000" + luhn_digit("492914000")  # a valid check digit, never issued
 

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kiosk.i18n import load_catalog
 from kiosk.report_pdf import ReportPage, render_report_pdf
 from sync.reports import ReportView
-from tests.kiosk.conftest import KioskNode, issue, seed_study
+from tests.kiosk.node import KioskNode, issue, seed_study
 from tests.kiosk.cups_peer import CupsPeer
-from tests.sync.test_dicomweb import tiny_pdf
+from tests.dicom_factory import tiny_pdf
 
 REPORT = (
     "Diagnostic imaging report\n  Clinical history: cough for three weeks.\n"

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydicom import dcmread
 
-from tests.conftest import DCMTK, EdgeNode
+from tests.node import DCMTK, EdgeNode
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 

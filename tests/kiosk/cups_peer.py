@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import free_port, wait_for_port
+from tests.node import free_port, wait_for_port
 
 CUPS_LIB = Path("/usr/lib/cups")
 PPD = Path("/usr/share/ppd/cups-pdf/CUPS-PDF_noopt.ppd")

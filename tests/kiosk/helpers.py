@@ -7,9 +7,11 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-from tests.kiosk.conftest import KioskNode
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from tests.kiosk.node import KioskNode
 
 
 def open_kiosk(browser: Any, node: KioskNode) -> tuple[Any, list[str]]:
@@ -71,13 +73,18 @@ def qr_urls_in_pdf(pdf: Path, where: Path) -> list[str]:
 
 
 def token_of(url: str) -> tuple[str, str]:
-    """(study uid, token) from a viewer URL made from the default template."""
-    query = parse_qs(urlsplit(url).query)
-    return query["StudyInstanceUIDs"][0], query["token"][0]
+    """(the study the token names, token) from a film URL made from the default template (.../film/{token})."""
+    from kiosk.cloud_film.film_token import read_claims
+
+    token = urlsplit(url).path.rsplit("/", 1)[-1]
+    return read_claims(token)[0].study_uid, token
 
 
-def node_key(node: KioskNode) -> bytes:
-    return bytes.fromhex((node.data_dir / "kiosk" / "viewer-token.key").read_text().strip())
+def node_key(node: KioskNode) -> Ed25519PublicKey:
+    """The node's film-link public key, as the cloud holds it."""
+    from kiosk.viewer_token import load_or_create_key
+
+    return load_or_create_key(node.data_dir, create=False).public_key()
 
 
 def audit(node: KioskNode) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread, dcmwrite
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -21,85 +21,17 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
-    generate_uid,
 )
 
 import sync.compress as compress
 from sync.compress import CompressMethod, PreparedUpload, check_codecs, prepare_upload
+from tests.dicom_factory import dr_like_pixels, write_dr
 
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 METHODS: tuple[CompressMethod, ...] = ("jpeg-ls", "j2k")
 SYNTAX = {"jpeg-ls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 # Big enough to look like a detector (edges, texture, noise), small enough to keep tests quick;
 # bench/compress.py measures the full 3000x3000.
 DR_SIDE = 1024
-
-
-def dr_like_pixels(rows: int, cols: int, seed: int = 0, bits_stored: int = 12) -> np.ndarray:
-    """A chest-DR-like uint16 image: smooth anatomy plus signal-dependent quantum noise.
-
-    Pure random noise would not compress at all and a clean gradient would compress
-    absurdly well; real DR lies between, and its lossless ratio is set mostly by the
-    noise, which here has a standard deviation of ~15 DN in the body (12-bit data).
-    """
-    rng = np.random.default_rng(seed)
-    top = float(2**bits_stored - 1)
-    y = np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
-    x = np.linspace(-1.0, 1.0, cols, dtype=np.float32)[None, :]
-    img = np.full((rows, cols), 0.80 * top, np.float32) + (0.05 * top) * y  # open field, heel effect
-    thickness = np.sqrt(np.clip(1.0 - (x / 0.72) ** 2 - (y / 0.9) ** 2, 0.0, None))  # the body
-    img -= (0.45 * top) * thickness
-    for cx in (-0.33, 0.33):  # lungs
-        img += (0.15 * top) * np.sqrt(np.clip(1.0 - ((x - cx) / 0.25) ** 2 - ((y + 0.1) / 0.5) ** 2, 0.0, None))
-    inside = thickness > 0
-    img -= (0.06 * top) * (0.5 + 0.5 * np.sin(2 * np.pi * (7.0 * y + 1.5 * np.abs(x)))) ** 4 * inside  # ribs
-    img -= (0.12 * top) * np.exp(-((x / 0.06) ** 2)) * inside  # spine
-    for _ in range(4):  # low-frequency texture
-        fy, fx, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 2 * np.pi)
-        img += (0.01 * top) * np.sin(np.pi * (fy * y + fx * x) + phase)
-    img[(np.abs(x) > 0.95) | (np.abs(y) > 0.95)] = 0.04 * top  # collimated border
-    np.clip(img, 0.0, top, out=img)
-    img += np.sqrt(img) * rng.standard_normal((rows, cols), dtype=np.float32) * 0.35  # quantum noise
-    np.clip(np.rint(img, out=img), 0.0, top, out=img)
-    return img.astype(np.uint16)
-
-
-def write_dr(
-    path: Path,
-    pixels: np.ndarray,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    bits_stored: int = 12,
-    pixel_representation: int = 0,
-) -> Path:
-    """Save `pixels` (rows x cols, or frames x rows x cols) as a DX Part 10 file."""
-    ds = Dataset()
-    ds.SOPClassUID = DX_STORAGE
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "TEST^PATIENT"
-    ds.PatientID = "P0001"
-    ds.AccessionNumber = "ACC0001"
-    ds.StudyDate = "20261123"
-    ds.Modality = "DX"
-    ds.BodyPartExamined = "CHEST"
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
-    ds.PixelRepresentation = pixel_representation
-    big = transfer_syntax == ExplicitVRBigEndian
-    ds.PixelData = (pixels.byteswap() if big else pixels).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = DX_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    dcmwrite(path, ds, enforce_file_format=True)
-    return path
 
 
 def sample(name: str, dest: Path) -> Path:

@@ -29,7 +29,7 @@ from sync.dicomweb import (
     StowResult,
     json_value,
 )
-from tests.dicom_factory import make_dx
+from tests.dicom_factory import make_dx, tiny_pdf
 from tests.peers.orthanc import OrthancPeer
 
 T = TypeVar("T")
@@ -108,29 +108,6 @@ def make_text_sr(path: Path, study: Dataset, text: str = "No acute cardiopulmona
         VerificationFlag="UNVERIFIED",
         ContentSequence=DicomSequence([finding]),
     )
-
-
-def tiny_pdf(text: str = "Report") -> bytes:
-    """A minimal valid one-page PDF, with a correct xref table."""
-    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-        b" /Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
 
 
 def make_pdf_report(path: Path, study: Dataset) -> Dataset:
