@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from edge.store.const import PRIORITY_ROUTINE
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
+from edge.store.rows import rows
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def claim_batch(
         if first is None:
             return None
         study_id = first[1]
-        rows = (
+        candidates = (
             Outbox.select(
                 Outbox.id, Instance.sop_instance_uid, Instance.path, Instance.size,
                 Outbox.priority, Outbox.attempts, Outbox.uncertain,
@@ -105,11 +106,10 @@ def claim_batch(
             .where(*_due(now, routine_allowed), Instance.study == study_id)
             .order_by(*order)
             .limit(max_instances)
-            .tuples()
         )
         items: list[BatchItem] = []
         total = 0
-        for row in rows:
+        for row in rows(candidates, tuple[int, str, str, int, int, int, bool]):
             item = BatchItem(*row)
             if items and total + item.size > max_bytes:
                 break
