@@ -77,6 +77,35 @@ def cmd_audit(config: EdgeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_public_key(config: EdgeConfig, args: argparse.Namespace) -> int:
+    """Print the entry the cloud's key store needs; the private key never leaves the node."""
+    from kiosk.viewer_token import KeyFileError, load_or_create_key, public_key_entry
+
+    try:
+        key = load_or_create_key(config.data_dir, config.path(config.kiosk.token_key_file))
+    except KeyFileError as exc:
+        print(f"edge kiosk public-key: {printable(exc)}", file=sys.stderr)
+        return 1
+    print(public_key_entry(key, config.node.id, printable(config.node.name)), end="")
+    return 0
+
+
+def cmd_rotate_key(config: EdgeConfig, args: argparse.Namespace) -> int:
+    """A new signing key for new tokens; the cloud keeps the old public key until its tokens expire."""
+    from kiosk.viewer_token import KeyFileError, key_id, public_key_entry, rotate_key
+
+    try:
+        key, retired = rotate_key(config.data_dir, config.path(config.kiosk.token_key_file))
+    except (KeyFileError, OSError) as exc:
+        print(f"edge kiosk rotate-key: {printable(exc)}", file=sys.stderr)
+        return 1
+    print(f"# new key {key_id(key.public_key())}: register it with the cloud, then restart the kiosk;"
+          f" keep the old public key registered for {config.kiosk.token_days} days"
+          + (f" (old private key kept as {printable(retired)})" if retired else ""))
+    print(public_key_entry(key, config.node.id, printable(config.node.name)), end="")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     kiosk = sub.add_parser("kiosk", help="patient kiosk: reprints, slips, audit log")
     ksub = kiosk.add_subparsers(dest="kiosk_command", required=True, metavar="KIOSK_COMMAND")
@@ -98,3 +127,7 @@ def add_commands(sub: Any) -> None:
     audit.add_argument("--limit", type=int, default=50)
     audit.add_argument("--json", action="store_true", help="machine-readable output")
     audit.set_defaults(func=cmd_audit)
+    public = ksub.add_parser("public-key", help="print this node's film-link public key (and key id) to register with the cloud")
+    public.set_defaults(func=cmd_public_key)
+    rotate = ksub.add_parser("rotate-key", help="make a new film-link signing key (new QR tokens use it); prints its public key")
+    rotate.set_defaults(func=cmd_rotate_key)

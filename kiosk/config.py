@@ -13,6 +13,7 @@ from edge.config.sections import Section
 Language = Literal["en", "zu", "xh", "af", "st"]
 LANGUAGES: tuple[Language, ...] = ("en", "zu", "xh", "af", "st")
 _TEMPLATE_FIELDS = {"study_uid", "token"}
+EXAMPLE_FILM_HOST = "film.example"  # the shipped placeholder: `edge doctor` warns until the cloud's own host is set
 
 
 class KioskSection(Section):
@@ -34,7 +35,7 @@ class KioskSection(Section):
     throttle_node_failures: int = Field(default=30, ge=1, le=10000)
     print_limit: int = Field(default=2, ge=1, le=100)
     report_estimate_hours: float = Field(default=24.0, gt=0, le=720)
-    viewer_url_template: str = "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}&token={token}"
+    viewer_url_template: str = f"https://{EXAMPLE_FILM_HOST}/film/{{token}}"
     token_days: int = Field(default=30, ge=1, le=3650)
     token_key_file: str = ""
     printer: Literal["cups", "escpos"] = "cups"
@@ -65,8 +66,8 @@ class KioskSection(Section):
             names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
         except ValueError as exc:
             raise ValueError(f"not a valid template: {exc}") from None
-        if names != _TEMPLATE_FIELDS:
-            raise ValueError("must contain exactly the placeholders {study_uid} and {token}")
+        if "token" not in names or not names <= _TEMPLATE_FIELDS:
+            raise ValueError("must contain the placeholder {token} (and may contain {study_uid}), no others")
         return value
 
     @model_validator(mode="after")

@@ -7,7 +7,7 @@ from typing import Final, Literal
 KIOSK_DIR: Final = "kiosk"
 """Under the data dir: the node's token key (when no key file is configured)."""
 
-TOKEN_KEY_NAME: Final = "viewer-token.key"
+TOKEN_KEY_NAME: Final = "film-key.pem"  # the node's Ed25519 private key (PEM, mode 600)
 
 CODE_DIGITS: Final = 10  # nine random digits and a Luhn check digit
 

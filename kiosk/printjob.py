@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edge.store.models import utcnow
 from kiosk import metrics
 from kiosk.i18n import load_catalog
@@ -25,7 +27,7 @@ class FilmLink:
     """How the QR's URL is made: the [kiosk] template, the node's key and id, the lifetime."""
 
     template: str
-    key: bytes
+    key: Ed25519PrivateKey
     node_id: str
     token_days: int
 

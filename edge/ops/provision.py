@@ -31,7 +31,7 @@ import tomlkit
 from tomlkit.items import Table
 
 from edge.config import ConfigError
-from edge.node.config import parse_config
+from edge.node.config import EdgeConfig, parse_config
 
 PROVISION_FILE_NAME = "edge-provision.toml"
 # Provisioning table → (section, key naming the secrets file, default file name next to edge.toml).
@@ -161,7 +161,7 @@ def apply(config_path: Path, prov: Provisioning) -> list[str]:
     if prov.console_tls_hosts is not None:
         tls_files = _console_tls_keys(doc, config_path, changed)
     try:
-        parse_config(doc.unwrap(), config_path.resolve().parent, str(config_path))
+        config = parse_config(doc.unwrap(), config_path.resolve().parent, str(config_path))
     except ConfigError as exc:
         raise ProvisionError(f"not applied: {exc}") from None
     for target, text in secret_files:
@@ -176,10 +176,28 @@ def apply(config_path: Path, prov: Provisioning) -> list[str]:
         hosts = node_hosts(node_id, prov.console_tls_hosts or [])
         make_self_signed(tls_files[0], tls_files[1], str(node.get("name", node_id)), hosts)
         changed.append(f"secrets file {tls_files[1]} and certificate {tls_files[0]} for {', '.join(hosts)}")
+    changed += film_signing_key(config, config_path.parent)
     if any(not c.startswith("secrets file") for c in changed):
         mode = config_path.stat().st_mode & 0o777 if config_path.exists() else 0o640
         atomic_write(config_path, tomlkit.dumps(doc), mode)
     return changed
+
+
+def film_signing_key(config: EdgeConfig, owner_of: Path) -> list[str]:
+    """The node's cloud-film key pair, made here on the node; ``edge kiosk public-key`` prints the public half."""
+    from kiosk.viewer_token import key_id, key_path, load_or_create_key
+
+    key_file = config.path(config.kiosk.token_key_file)
+    path = key_path(config.data_dir, key_file)
+    if path.exists():
+        return []
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    key = load_or_create_key(config.data_dir, key_file, create=True)
+    if os.geteuid() == 0:  # the node's user must read its own key (and write the folders made for it)
+        st = owner_of.stat()
+        for p in made:
+            os.chown(p, st.st_uid, st.st_gid)
+    return [f"secrets file {path} (film signing key {key_id(key.public_key())}; `edge kiosk public-key` prints it)"]
 
 
 def _console_tls_keys(doc: tomlkit.TOMLDocument, config_path: Path, changed: list[str]) -> tuple[Path, Path]:

@@ -72,7 +72,7 @@ def test_patient_prints_report_in_english_and_the_qr_opens_their_study(
     assert time.monotonic() - started < 30
     found = qr_urls_in_pdf(pdf, tmp_path)
     assert len(found) == 1, found
-    assert found[0].startswith("https://viewer.example/viewer?StudyInstanceUIDs=" + study_uid + "&token=")
+    assert found[0].startswith("https://film.example/film/") and study_uid not in found[0]
     uid, token = token_of(found[0])
     claims = verify_token(token, node_key(node), study_uid=study_uid)
     assert uid == study_uid and claims.node_id == "test-node"
