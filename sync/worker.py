@@ -18,7 +18,6 @@ from pathlib import Path
 
 from tenacity import (
     AsyncRetrying,
-    RetryCallState,
     retry_if_exception_type,
     stop_never,
     wait_random_exponential,
@@ -27,6 +26,7 @@ from tenacity import (
 from edge.store.spool import Spool
 from edge.store.walk import DecodeLimits
 from sync import metrics
+from sync.backoff import wait_before_attempt
 from sync.compress import PreparedUpload, UnfitForUpload, prepare_upload
 from sync.config import SyncSection, parse_window
 from sync.dicomweb import DicomWebClient, DicomWebError, StowResult
@@ -100,6 +100,7 @@ class OutboxWorker:
         self.tmp_dir = tmp_dir
         self._wake = asyncio.Event()
         self._wait = wait_random_exponential(multiplier=settings.retry_min_s, max=settings.retry_max_s)
+        self._told_held = False  # "routine images held for the window" said once per closed window
 
     def wake(self) -> None:
         """New work arrived (call from the loop's thread; threads use call_soon_threadsafe)."""
@@ -107,9 +108,7 @@ class OutboxWorker:
 
     def backoff_s(self, attempts: int) -> float:
         """Wait before the ``attempts``-th retry of the same rows (tenacity's jittered exponential)."""
-        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        state.attempt_number = max(1, attempts)
-        return float(self._wait(state))
+        return wait_before_attempt(self._wait, attempts)
 
     async def run(self) -> None:
         slots = [asyncio.create_task(self._slot(n), name=f"outbox-slot-{n}") for n in range(self.settings.concurrency)]
@@ -147,6 +146,14 @@ class OutboxWorker:
         timeout = self.settings.poll_interval_s
         routine = routine_allowed_now(self.settings.routine_windows)
         due = await asyncio.to_thread(next_attempt_at, routine)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        if routine:
+            self._told_held = False
+        elif not self._told_held and (due is None or due > now) \
+                and (held := await asyncio.to_thread(next_attempt_at, True)) is not None and held <= now:
+            self._told_held = True  # only routine rows are due and the slot just passed them over: said once
+            log.info("sync: routine images due but outside the upload windows (%s): held until one opens",
+                     ", ".join(self.settings.routine_windows))
         if due is not None:
             timeout = max(0.05, min(timeout, (due - dt.datetime.now(dt.UTC).replace(tzinfo=None)).total_seconds()))
         try:
@@ -184,7 +191,9 @@ class OutboxWorker:
             return
         missing = {i.outbox_id: "instance file missing from the spool" for i in items if not (self.spool.root / i.path).exists()}
         if missing:
-            mark_quarantined(batch.study_instance_uid, missing, {i.outbox_id: i.sop_instance_uid for i in items})
+            await asyncio.to_thread(  # a database write, off the loop like every other outcome
+                mark_quarantined, batch.study_instance_uid, missing, {i.outbox_id: i.sop_instance_uid for i in items}
+            )
             items = [i for i in items if i.outbox_id not in missing]
         if not items:
             return

@@ -242,7 +242,7 @@ def test_routine_images_wait_for_their_window_while_ecg_goes(
     ecg = Path(shutil.copy(get_testdata_file("waveform_ecg.dcm"), tmp_path / "ecg.dcm"))
     assert node.storescu(*routine, ecg).returncode == 0
     wait_until(lambda: orthanc.instance_count() == 1, what="the ECG in the cloud")
-    time.sleep(2)
+    node.wait_for_log("routine images due but outside the upload windows")  # the worker passed the DX over
     assert orthanc.sop_instance_uids() == uids([ecg])
     states = {s["modalities"][0]: s["sync_state"] for s in node.studies()}
     assert states == {"ECG": "synced", "DX": "pending"}
