@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,9 @@ from tests.console.conftest import TECH, TECH_PASSWORD
 from tests.console.helpers import ConsoleClient, set_attrs
 from tests.dicom_factory import make_dx
 from tests.edge.helpers import query, storescu
+from tests.waiting import wait_until
 
 TODAY = dt.date.today().strftime("%Y%m%d")
-
-
-def _wait(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def _order(node: EdgeNode, order_id: int) -> tuple[str, str]:
@@ -58,7 +48,8 @@ def test_images_with_the_orders_accession_arrive_matched_and_others_can_be_assig
     result = storescu(cnode, matched, stray)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    today = _wait(lambda: (t := client.today())["visits"][str(first)].startswith("received|") and t)
+    today = wait_until(lambda: (t := client.today())["visits"][str(first)].startswith("received|") and t, 20,
+                       "the visit received on Today", every=0.2)
     assert today["visits"][str(first)].startswith("received|0||0|1|")  # 1 instance, waiting to upload (sync off)
     assert _how(cnode, matched_uid) == ("accession", first)
     assert today["unmatched"] == [stray_uid]
@@ -92,7 +83,7 @@ def test_worklist_uid_and_patient_with_date_match_without_an_accession(cnode: Ed
     # Same folder number on another day: not this visit.
     old, uid3 = _dx(tmp_path, "old", PatientID="F-77", StudyDate="20200101")
     assert storescu(cnode, from_worklist, by_hand, old).returncode == 0
-    today = _wait(lambda: (t := client.today())["unmatched"] and t)
+    today = wait_until(lambda: (t := client.today())["unmatched"] and t, 20, "an unmatched study on Today", every=0.2)
     assert _how(cnode, uid1) == ("study_uid", by_uid)
     assert _how(cnode, uid2) == ("patient_date", by_patient)
     assert today["unmatched"] == [uid3]

@@ -36,6 +36,7 @@ from edge.dicom.pdu_reader import PDATA_SLACK_BYTES
 from tests.conftest import EdgeNode
 from tests.edge.helpers import associate_rq, echo_succeeds, temp_files
 from tests.fuzz.conftest import MEMORY_CAP_MB, peak_rss_mb
+from tests.waiting import wait_until
 
 DR = {"modality_ae": "DR1", "modality_host": "127.0.0.1"}
 VERIFICATION = "1.2.840.10008.1.1"
@@ -159,15 +160,6 @@ def dr_node(node_factory: Any) -> Iterator[EdgeNode]:
     yield node
 
 
-def wait_until(condition: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def warnings_about_overflow(node: EdgeNode, says: str = "held in memory") -> list[str]:
     return [line for line in node.log_text().splitlines() if says in line]
 
@@ -179,7 +171,8 @@ def assert_ended_cleanly(node: EdgeNode, sender: Sender, kept_going: bool, what:
     assert sender.sent < SEND_MB * MiB
     peak = peak_rss_mb(node)
     assert peak < MEMORY_CAP_MB, f"node peak memory {peak:.0f} MB after {sender.sent / MiB:.0f} MB of a {what}"
-    assert wait_until(lambda: len(warnings_about_overflow(node, says)) == 1), node.log_text()[-3000:]
+    wait_until(lambda: len(warnings_about_overflow(node, says)) == 1, 20, f"one {says!r} warning", every=0.05,
+               detail=lambda: node.log_text()[-3000:])
     log = node.log_text()
     assert len([line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]) == 1, log[-3000:]
     line = warnings_about_overflow(node, says)[0]
@@ -244,7 +237,8 @@ def test_requests_streamed_without_waiting_for_answers_are_aborted(dr_node: Edge
         assert not kept_going, f"the node took all {SEND_MB} MB of requests"
         peak = peak_rss_mb(dr_node)
         assert peak < MEMORY_CAP_MB, f"node peak memory {peak:.0f} MB after {sender.sent / MiB:.0f} MB of requests"
-        assert wait_until(lambda: len(warnings_about_overflow(dr_node, "without waiting for the answers")) == 1)
+        wait_until(lambda: len(warnings_about_overflow(dr_node, "without waiting for the answers")) == 1, 20,
+                   "one \"without waiting for the answers\" warning", every=0.05)
         line = warnings_about_overflow(dr_node, "without waiting for the answers")[0]
         assert "WARNING" in line and "127.0.0.1:" in line and "DR1" in line, line
         assert "Traceback" not in dr_node.log_text()
@@ -282,7 +276,7 @@ def test_a_c_store_past_max_instance_mb_stops_growing_on_disk_and_is_refused(dr_
     assert largest[0] <= MAX_INSTANCE_MB * MiB + 64 * 1024, f"temp file grew to {largest[0] / MiB:.0f} MB"
     peak = peak_rss_mb(dr_node)
     assert peak < MEMORY_CAP_MB, f"node peak memory {peak:.0f} MB"
-    assert wait_until(lambda: temp_files(dr_node) == [])
+    wait_until(lambda: temp_files(dr_node) == [], 20, "no temp files left", every=0.05)
     refusals = [line for line in dr_node.log_text().splitlines() if "refused instance" in line]
     assert len(refusals) == 1 and "max_instance_mb" in refusals[0], refusals
     assert "Traceback" not in dr_node.log_text()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,7 @@ from firmware_bridge.lines import PtyLine
 from firmware_bridge.service import BridgeService
 from firmware_bridge.session import BoxSession
 from firmware_bridge.simulator import BoxStats, SoftwareBox
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.waiting import wait_until
 
 
 class RunningBridge:

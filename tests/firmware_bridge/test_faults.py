@@ -9,8 +9,8 @@ import numpy as np
 
 from firmware_bridge.boxes import box_summaries, recordings
 from firmware_bridge.recording import PADDING
-from tests.firmware_bridge.conftest import wait_until
 from tests.firmware_bridge.helpers import kept_dataset, kept_recordings, raw_waveform
+from tests.waiting import wait_until
 
 
 def test_garbage_on_the_line_neither_drops_the_session_nor_damages_recordings(store: Any, bridge: Any, box: Any) -> None:

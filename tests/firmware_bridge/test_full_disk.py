@@ -27,9 +27,10 @@ from edge.store.spool import Spool, keep_instance
 from firmware_bridge.boxes import recordings
 from firmware_bridge.service import BridgeService
 from tests.dicom_factory import make_dx
-from tests.firmware_bridge.conftest import BoxThread, RunningBridge, wait_until
+from tests.firmware_bridge.conftest import BoxThread, RunningBridge
 from tests.firmware_bridge.helpers import kept_dataset, kept_recordings
 from tests.small_disk import fill, mounted_tmpfs
+from tests.waiting import wait_until
 
 DISK_MB = 16
 

@@ -6,7 +6,6 @@ Found by tests/fuzz/test_ecg_fuzz.py: HELLO(leads=()), REC_START, REC_END ended 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from pathlib import Path
@@ -20,21 +19,16 @@ from firmware_bridge.const import ACQUIRED_LEADS, NEEDED_LEADS, Msg, Nak
 from firmware_bridge.ecg_dicom import MissingLeads, twelve_leads
 from firmware_bridge.protocol import (
     Ack,
-    Frame,
-    FrameDecoder,
     Hello,
     LeadSetRefused,
     NakMsg,
     ProtocolError,
     RecEnd,
     RecStart,
-    Samples,
     Status,
-    parse,
 )
-from firmware_bridge.session import BoxSession
-from tests.firmware_bridge.conftest import wait_until
 from tests.firmware_bridge.helpers import SessionBox, box_session, kept_recordings
+from tests.waiting import wait_until
 
 CHEST = ("V1", "V2", "V3", "V4", "V5", "V6")
 

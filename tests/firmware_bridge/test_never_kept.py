@@ -21,8 +21,8 @@ from edge.store.walk import DecodeLimits
 from firmware_bridge.boxes import recordings
 from firmware_bridge.const import ACQUIRED_LEADS, Msg, Nak
 from firmware_bridge.protocol import Hello, NakMsg, RecEnd
-from tests.firmware_bridge.conftest import wait_until
 from tests.firmware_bridge.helpers import SessionBox, box_session, kept_recordings
+from tests.waiting import wait_until
 
 TINY_SIZE = DecodeLimits(max_bytes=1024)  # a 50-sample ECG is a few KB
 TINY_ELEMENTS = DecodeLimits(max_elements=20)  # an ECG has some hundred elements

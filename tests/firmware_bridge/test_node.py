@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,15 +17,7 @@ from firmware_bridge.config import BridgeSection
 from firmware_bridge.const import TWELVE_LEAD_ECG_SOP_CLASS
 from tests.conftest import REPO, edge_cli
 from tests.peers.orthanc import OrthancPeer, start_orthanc
-
-
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.waiting import wait_until
 
 
 def test_every_bridge_key_is_in_the_shipped_edge_toml_with_a_comment() -> None:
@@ -78,14 +69,14 @@ def test_box_recording_reaches_the_cloud_as_a_12_lead_ecg(node_factory: Any, ort
 
     def in_cloud() -> list[dict[str, Any]]:
         return orthanc.get("/instances?expand")
-    [instance] = wait_for(in_cloud, 30, "the ECG in Orthanc")
+    [instance] = wait_until(in_cloud, 30, "the ECG in Orthanc", every=0.25)
     tags = orthanc.get(f"/instances/{instance['ID']}/simplified-tags")
     assert tags["SOPClassUID"] == TWELVE_LEAD_ECG_SOP_CLASS and tags["Modality"] == "ECG"
     assert (tags["PatientID"], tags["AccessionNumber"]) == ("PID-9", "ACC-E2E")
     qido = orthanc.get(f"/dicom-web/instances?SOPInstanceUID={tags['SOPInstanceUID']}&includefield=00080016")
     assert qido[0]["00080016"]["Value"] == [TWELVE_LEAD_ECG_SOP_CLASS]  # the DICOMweb answer a reader gets
 
-    [study] = wait_for(lambda: [s for s in node.studies() if s["sync_state"] == "synced"], 20, "study synced")
+    [study] = wait_until(lambda: [s for s in node.studies() if s["sync_state"] == "synced"], 20, "study synced", every=0.25)
     assert study["accession_number"] == "ACC-E2E" and "ECG" in study["modalities"]
     [box] = node.status()["boxes"]
     assert box["box_id"] == "ECG-E2E" and box["firmware"] == "1.0.0" and box["battery_pct"] == 87

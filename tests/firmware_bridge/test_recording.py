@@ -10,13 +10,13 @@ import numpy as np
 from edge.store.const import PRIORITY_ECG
 from firmware_bridge.boxes import arm_box, box_summaries
 from firmware_bridge.const import TWELVE_LEAD_ECG_SOP_CLASS
-from tests.firmware_bridge.conftest import wait_until
 from tests.firmware_bridge.helpers import (
     LEADS,
     kept_dataset,
     kept_recordings,
     outbox_of,
 )
+from tests.waiting import wait_until
 
 
 def test_recording_arrives_as_a_12_lead_ecg_within_one_lsb_of_what_the_box_sent(store: Any, bridge: Any, box: Any) -> None:

@@ -39,9 +39,10 @@ from firmware_bridge.protocol import (
 )
 from firmware_bridge.session import BoxSession
 from firmware_bridge.simulator import SoftwareBox
-from tests.firmware_bridge.conftest import RunningBridge, bridge_config, wait_until
+from tests.firmware_bridge.conftest import RunningBridge, bridge_config
 from tests.firmware_bridge.helpers import kept_dataset, kept_recordings, raw_waveform
 from tests.fuzz import mutate
+from tests.waiting import wait_until
 
 EXAMPLES = max(50, int(mutate.budget_s() * 5))  # hypothesis examples per property, from the budget
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=mutate.seed() == mutate.DEFAULT_SEED,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.kiosk.helpers import (
     shot,
     token_of,
 )
+from tests.waiting import wait_until
 
 
 def metrics(node: Any) -> str:
@@ -30,12 +30,7 @@ def metrics(node: Any) -> str:
 
 
 def wait_for_metric(node: Any, line: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if line in metrics(node):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{line!r} not on /metrics")
+    wait_until(lambda: line in metrics(node), timeout, f"{line!r} on /metrics", every=0.2)
 
 
 def test_paper_out_sends_the_patient_to_reception_and_shows_on_metrics(

@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from edge.store.models import utcnow
 from tests.conftest import EdgeNode
 from tests.peers.pushgateway import PUSHGATEWAY, Pushgateway
 from tests.software_box import SoftwareBoxes
+from tests.waiting import wait_until
 
 GOOD_BOX, LEAD_OFF_BOX = "ECG-ROOM-1", "ECG-ROOM-2"
 SIM_BATTERY = 87.0  # what the software box's STATUS reports
@@ -39,11 +39,13 @@ QUIET = {"sync": {"enabled": False}, "reports": {"enabled": False}}
 
 def wait_for(read: Callable[[], Any], expected: Any, what: str, timeout: float = 20.0) -> None:
     """Until ``read()`` gives ``expected``; the failure shows what it gave last."""
-    deadline = time.monotonic() + timeout
-    while (value := read()) != expected:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n got  {value!r}\n want {expected!r}")
-        time.sleep(0.2)
+    seen: list[Any] = [None]
+
+    def gives_expected() -> bool:
+        seen[0] = read()
+        return bool(seen[0] == expected)
+
+    wait_until(gives_expected, timeout, what, every=0.2, detail=lambda: f" got  {seen[0]!r}\n want {expected!r}")
 
 
 def ecg_figures(samples: Iterable[Sample]) -> dict[str, Any]:
