@@ -19,6 +19,7 @@ from peewee import Expression, fn
 
 from edge.check_digit import luhn_digit, luhn_ok
 from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
+from edge.store.const import ReportState
 from edge.store.db import write_transaction
 from edge.store.models import Study, utcnow
 from edge.store.rows import row
@@ -289,7 +290,7 @@ def _study_for(accession_number: str) -> Study | None:
     return (
         Study.select()
         .where(Study.accession_number == accession_number)
-        .order_by((Study.report_state == "none").asc(), Study.received_at.desc())
+        .order_by((Study.report_state == ReportState.NONE).asc(), Study.received_at.desc())
         .first()
     )
 
@@ -365,7 +366,7 @@ def finish_print(audit_id: int, outcome: str, job: str = "", detail: str = "", s
     with write_transaction():
         KioskAudit.update(outcome=outcome, job=job[:64], detail=detail[:500]).where(KioskAudit.id == audit_id).execute()
         if outcome == "printed" and study_uid:
-            Study.update(report_state="printed", updated_at=utcnow()).where(
+            Study.update(report_state=ReportState.PRINTED, updated_at=utcnow()).where(
                 Study.study_instance_uid == study_uid
             ).execute()
 

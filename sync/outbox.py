@@ -1,5 +1,10 @@
 """The outbox state machine in the store: claim a batch, then mark it synced, failed or quarantined.
 
+The one writer of the outbox: every change of a row's state, priority or due time is a
+function here (the console's STAT, send now and retry call them); the row itself is born
+with its instance in ``edge.store.spool.queue_upload``. Other packages read through the
+typed queries at the end of this module or ``edge.store.queries``, never the model.
+
 Every transition is one short write transaction, so the worker holds nothing in memory
 that a power cut could lose: a row left ``sending`` at a crash goes back to ``pending``
 (flagged ``uncertain``, so the cloud is asked before it is sent again).
@@ -12,14 +17,19 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from edge.store.const import PRIORITY_ROUTINE
+from peewee import fn
+
+from edge.orders.tables import Order, StudyMatch
+from edge.store.const import PRIORITY_ROUTINE, PRIORITY_STAT, SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
+from edge.store.queries import study_sync_state
 from edge.store.rows import rows
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATES = ("pending", "failed")
+# Waiting for a slot: new, or failed and due again. Quarantined rows wait for a human.
+RETRYABLE_STATES: tuple[SyncState, ...] = (SyncState.PENDING, SyncState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,8 @@ def release_interrupted() -> int:
     """
     with write_transaction():
         count = (
-            Outbox.update(state="pending", uncertain=True, updated_at=utcnow())
-            .where(Outbox.state == "sending")
+            Outbox.update(state=SyncState.PENDING, uncertain=True, updated_at=utcnow())
+            .where(Outbox.state == SyncState.SENDING)
             .execute()
         )
     if count:
@@ -115,7 +125,7 @@ def claim_batch(
                 break
             items.append(item)
             total += item.size
-        Outbox.update(state="sending", updated_at=now).where(Outbox.id.in_([i.outbox_id for i in items])).execute()
+        Outbox.update(state=SyncState.SENDING, updated_at=now).where(Outbox.id.in_([i.outbox_id for i in items])).execute()
         study_uid = Study.get_by_id(study_id).study_instance_uid
     return Batch(study_uid, tuple(items))
 
@@ -128,7 +138,7 @@ def mark_synced(study_uid: str, uploaded: dict[int, int]) -> None:
     with write_transaction():
         for outbox_id, nbytes in uploaded.items():
             Outbox.update(
-                state="synced", synced_at=now, updated_at=now, uploaded_bytes=nbytes,
+                state=SyncState.SYNCED, synced_at=now, updated_at=now, uploaded_bytes=nbytes,
                 uncertain=False, last_error="",
             ).where(Outbox.id == outbox_id).execute()
         log_event("synced", f"{len(uploaded)} instance(s)", study_uid)
@@ -144,7 +154,7 @@ def mark_failed(
     now = utcnow()
     with write_transaction():
         update: dict[object, object] = {
-            Outbox.state: "failed",
+            Outbox.state: SyncState.FAILED,
             Outbox.attempts: Outbox.attempts + 1,
             Outbox.last_error: reason[:500],
             Outbox.next_attempt_at: now + dt.timedelta(seconds=retry_in_s),
@@ -160,7 +170,7 @@ def fail_unfinished(batch: Batch, reason: str, retry_in_s: float = 0.0, uncertai
     """Rows of a batch still ``sending`` when its upload ended early go back in the queue."""
     ids = [item.outbox_id for item in batch.items]
     # Only this batch's slot changes its rows, so reading then writing is not a race.
-    left = [row.id for row in Outbox.select(Outbox.id).where(Outbox.id.in_(ids), Outbox.state == "sending")]
+    left = [row.id for row in Outbox.select(Outbox.id).where(Outbox.id.in_(ids), Outbox.state == SyncState.SENDING)]
     mark_failed(batch.study_instance_uid, left, reason, retry_in_s, uncertain)
 
 
@@ -171,7 +181,7 @@ def mark_quarantined(study_uid: str, failures: dict[int, str], sop_uids: dict[in
     now = utcnow()
     with write_transaction():
         for outbox_id, reason in failures.items():
-            Outbox.update(state="quarantined", last_error=reason[:500], updated_at=now, uncertain=False).where(
+            Outbox.update(state=SyncState.QUARANTINED, last_error=reason[:500], updated_at=now, uncertain=False).where(
                 Outbox.id == outbox_id
             ).execute()
             log_event("quarantined", reason[:500], study_uid, sop_uids.get(outbox_id, ""))
@@ -190,12 +200,12 @@ def retry_quarantined(study_uids: Sequence[str] = ()) -> int:
     """``edge retry``: send quarantined instances again (of these studies, or all)."""
     now = utcnow()
     with write_transaction():
-        query = Outbox.select(Outbox.id).join(Instance).join(Study).where(Outbox.state == "quarantined")
+        query = Outbox.select(Outbox.id).join(Instance).join(Study).where(Outbox.state == SyncState.QUARANTINED)
         if study_uids:
             query = query.where(Study.study_instance_uid.in_(list(study_uids)))
         ids = [row.id for row in query]
         if ids:
-            Outbox.update(state="pending", attempts=0, next_attempt_at=now, updated_at=now, last_error="").where(
+            Outbox.update(state=SyncState.PENDING, attempts=0, next_attempt_at=now, updated_at=now, last_error="").where(
                 Outbox.id.in_(ids)
             ).execute()
             log_event("retry", f"{len(ids)} quarantined instance(s) queued again by an operator")
@@ -213,3 +223,68 @@ def next_attempt_at(routine_allowed: bool) -> dt.datetime | None:
     if value is None or isinstance(value, dt.datetime):
         return value
     return dt.datetime.fromisoformat(str(value))
+
+
+def _queued_of(study_uids: Sequence[str]) -> object:
+    """Outbox ids of these studies' instances still waiting to go (a sub-select)."""
+    return (
+        Outbox.select(Outbox.id).join(Instance).join(Study)
+        .where(Study.study_instance_uid.in_(list(study_uids)), Outbox.state.in_(RETRYABLE_STATES))
+    )
+
+
+def raise_priority(study_uids: Sequence[str]) -> int:
+    """STAT: these studies' waiting instances go to the front of the queue and are due now; returns rows moved."""
+    if not study_uids:
+        return 0
+    with write_transaction():
+        moved = Outbox.update(priority=PRIORITY_STAT, next_attempt_at=utcnow()).where(
+            Outbox.id.in_(_queued_of(study_uids))).execute()
+    return int(moved)
+
+
+def send_now(study_uids: Sequence[str]) -> int:
+    """Waiting or failed instances of these studies become due now (the caller wakes the worker)."""
+    if not study_uids:
+        return 0
+    with write_transaction():
+        due = Outbox.update(next_attempt_at=utcnow()).where(
+            Outbox.id.in_(_queued_of(study_uids))).execute()
+    return int(due)
+
+
+def raise_stat_arrivals() -> int:
+    """Images of a STAT order that arrived after it was marked go to the front too; returns rows raised.
+
+    Run by the sync service each time something is kept (``sync.arrivals``), after matching,
+    so a late image of a STAT visit is raised before a slot looks for its next batch.
+    """
+    rows = [
+        oid for (oid,) in Outbox.select(Outbox.id).join(Instance)
+        .join(StudyMatch, on=(StudyMatch.study == Instance.study)).join(Order)
+        .where(Order.stat == True, Outbox.state.in_(RETRYABLE_STATES), Outbox.priority > PRIORITY_STAT)  # noqa: E712
+        .tuples()
+    ]
+    if rows:
+        with write_transaction():
+            Outbox.update(priority=PRIORITY_STAT).where(
+                Outbox.id.in_(rows), Outbox.state.in_(RETRYABLE_STATES)).execute()
+    return len(rows)
+
+
+# ---------------------------------------------------------------------- typed reads
+
+
+def state_of_study(study_uid: str) -> SyncState | None:
+    """The study's sync state (its worst instance's, as ``edge studies`` shows it); None when not on this node."""
+    states = {SyncState(state) for (state,) in Outbox.select(Outbox.state).join(Instance).join(Study)
+              .where(Study.study_instance_uid == study_uid).distinct().tuples()}
+    return study_sync_state(states) if states else None
+
+
+def counts_by_state() -> dict[SyncState, int]:
+    """Outbox rows in each state, every state present (0 when none)."""
+    counts = {state: 0 for state in SyncState}
+    for state, count in Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state).tuples():
+        counts[SyncState(state)] = int(count)
+    return counts

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from tenacity import RetryCallState, wait_exponential_jitter
 
+from edge.store.const import ReportState, SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
 from edge.store.rows import rows
@@ -349,13 +350,13 @@ class ReportPuller:
         settings = self.settings
         any_outbox = Outbox.select(Outbox.id).join(Instance).where(Instance.study == Study.id)
         not_synced = (
-            Outbox.select(Outbox.id).join(Instance).where((Instance.study == Study.id) & (Outbox.state != "synced"))
+            Outbox.select(Outbox.id).join(Instance).where((Instance.study == Study.id) & (Outbox.state != SyncState.SYNCED))
         )
         query = (
             Study.select(Study.id, Study.study_instance_uid)
             .join(ReportPoll, JOIN.LEFT_OUTER, on=(ReportPoll.study == Study.id))
             .where(
-                (Study.report_state == "none")
+                (Study.report_state == ReportState.NONE)
                 & (Study.received_at >= now - dt.timedelta(days=settings.lookback_days))
                 & fn.EXISTS(any_outbox)
                 & ~fn.EXISTS(not_synced)
@@ -497,8 +498,8 @@ class ReportPuller:
                         fetched_at=now,
                     )
                     stored += 1
-                Study.update(report_state="ready", updated_at=now).where(
-                    (Study.id == study.id) & (Study.report_state == "none")
+                Study.update(report_state=ReportState.READY, updated_at=now).where(
+                    (Study.id == study.id) & (Study.report_state == ReportState.NONE)
                 ).execute()
                 ReportPoll.delete().where(ReportPoll.study == study.id).execute()
                 kinds = ",".join(sorted({r.kind for r in outcome.fetched}))

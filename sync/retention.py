@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from peewee import DatabaseError, fn
 
+from edge.store.const import SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
 from edge.store.rows import rows
@@ -36,7 +37,7 @@ def evictable_studies(older_than: dt.datetime | None = None) -> list[Study]:
     not_synced = (
         Instance.select(Instance.study)
         .join(Outbox)
-        .where(Outbox.state != "synced")
+        .where(Outbox.state != SyncState.SYNCED)
     )
     kept = (
         Instance.select(Instance.study, fn.MAX(Outbox.synced_at).alias("last_sync"))
@@ -55,7 +56,7 @@ def _synced_rows(study: Study) -> list[Instance]:
     return list(
         Instance.select(Instance.id, Instance.path, Instance.size)
         .join(Outbox)
-        .where(Instance.study == study.id, Instance.evicted_at.is_null(True), Outbox.state == "synced")
+        .where(Instance.study == study.id, Instance.evicted_at.is_null(True), Outbox.state == SyncState.SYNCED)
     )
 
 

@@ -1,4 +1,4 @@
-"""``edge serve sync``: the outbox worker, the report puller and retention, on one client session."""
+"""``edge serve sync``: matching arrivals, the outbox worker, the report puller and retention, on one client session."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from edge.service import ServiceSetupError
 from edge.store.spool import Spool
 from edge.store.walk import DecodeLimits
 from sync import metrics
+from sync.arrivals import look_at_arrivals
 from sync.cloud import CloudSetupError, load_auth_headers, open_session
 from sync.compress import check_codecs
 from sync.dicomweb import DicomWebClient, TokenBucket
@@ -42,6 +43,7 @@ class SyncService:
         self._worker: OutboxWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._synced = asyncio.Event()
+        self._arrived = asyncio.Event()
 
     async def start(self) -> None:
         cfg = self.config
@@ -78,6 +80,7 @@ class SyncService:
             self._tasks.append(asyncio.create_task(
                 _every(cfg.reports.poll_interval_s, lambda: _pull_reports(puller, client), "report puller"), name="reports"
             ))
+        self._tasks.append(asyncio.create_task(self._arrivals_loop(), name="arrivals"))
         self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         log.info(
             "sync: uploading to %s (%d in flight, compression %s)%s",
@@ -99,12 +102,30 @@ class SyncService:
             except TimeoutError:
                 pass
 
+    async def _arrivals_loop(self) -> None:
+        """Match and raise STAT (sync.arrivals) on every wake and at least every poll, then wake the worker.
+
+        The worker is woken only after the pass, so the claim it makes sees the new study
+        matched and a STAT order's late images already at the front.
+        """
+        while True:
+            self._arrived.clear()  # before the pass: a kept instance during it wakes another
+            try:
+                await asyncio.to_thread(look_at_arrivals)
+            except Exception:
+                log.exception("sync: matching arrivals to orders failed; trying again at the next wake")
+            if self._worker is not None:
+                self._worker.wake()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), self.config.sync.poll_interval_s)
+            except TimeoutError:
+                pass
+
     def wake(self) -> None:
-        """Something new was kept: look at the outbox now rather than at the next poll."""
+        """Something new was kept (or STAT, send now): match it, then look at the outbox, now rather than at the next poll."""
         if self._loop is None:
             return
-        if self._worker is not None:
-            self._loop.call_soon_threadsafe(self._worker.wake)
+        self._loop.call_soon_threadsafe(self._arrived.set)  # the arrivals pass wakes the worker
         self._loop.call_soon_threadsafe(self._synced.set)  # the disk filled a little: retention looks
 
     async def stop(self) -> None:

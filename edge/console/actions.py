@@ -1,7 +1,7 @@
 """What a technician's buttons do to the queue, the kiosk and the ECG boxes; each one audited.
 
-The outbox belongs to sync: the console only reorders it (STAT), makes rows due now
-(send now) or hands quarantined rows back through ``sync.outbox.retry_quarantined``.
+The outbox belongs to sync: STAT, send now and retry call ``sync.outbox`` with the
+order's studies; the console writes only its own tables (the order, the audit).
 """
 
 from __future__ import annotations
@@ -9,16 +9,13 @@ from __future__ import annotations
 import logging
 
 from edge.orders.tables import Order, StudyMatch, Visit, audit
-from edge.store.const import PRIORITY_STAT
 from edge.store.db import write_transaction
-from edge.store.models import Instance, Outbox, Study, utcnow
+from edge.store.models import Study
 from firmware_bridge.boxes import arm_box
 from kiosk.tickets import allow_reprint
-from sync.outbox import retry_quarantined
+from sync import outbox
 
 log = logging.getLogger(__name__)
-
-QUEUED = ("pending", "failed")
 
 
 class ActionError(LookupError):
@@ -36,56 +33,44 @@ def _order(order_id: int) -> Order:
     return order
 
 
-def _queued_rows(order_id: int) -> object:
-    """Outbox ids of the order's instances still waiting to go (a sub-select)."""
-    return (
-        Outbox.select(Outbox.id).join(Instance).join(StudyMatch, on=(StudyMatch.study == Instance.study))
-        .where(StudyMatch.order == order_id, Outbox.state.in_(QUEUED))
-    )
+def _study_uids(order_id: int) -> list[str]:
+    """The studies matched or assigned to the order."""
+    return [uid for (uid,) in Study.select(Study.study_instance_uid).join(StudyMatch, on=(StudyMatch.study == Study.id))
+            .where(StudyMatch.order == order_id).tuples()]
 
 
 def mark_stat(order_id: int, by: str, client: str = "") -> int:
-    """The order's images jump the upload queue (now and as more arrive); returns rows moved."""
+    """The order's images jump the upload queue (now and as more arrive); returns rows moved.
+
+    The order is marked first: should the node stop before its rows move, the sync
+    service's next look at arrivals (``sync.outbox.raise_stat_arrivals``) moves them.
+    """
     with write_transaction():
         order = _order(order_id)
         Order.update(stat=True).where(Order.id == order_id).execute()
-        moved = Outbox.update(priority=PRIORITY_STAT, next_attempt_at=utcnow()).where(
-            Outbox.id.in_(_queued_rows(order_id))).execute()
+    moved = outbox.raise_priority(_study_uids(order_id))
+    with write_transaction():
         audit(by, "mark_stat", order, f"{moved} instance(s) moved to the front", client)
     log.info("console: order %d marked STAT by %s (%d instance(s) moved up)", order_id, by, moved)
-    return int(moved)
-
-
-def raise_stat_arrivals() -> int:
-    """Images of a STAT order that arrived after it was marked go to the front too (run with matching)."""
-    rows = [
-        oid for (oid,) in Outbox.select(Outbox.id).join(Instance).join(StudyMatch, on=(StudyMatch.study == Instance.study))
-        .join(Order).where(Order.stat == True, Outbox.state.in_(QUEUED), Outbox.priority > PRIORITY_STAT)  # noqa: E712
-        .tuples()
-    ]
-    if rows:
-        with write_transaction():
-            Outbox.update(priority=PRIORITY_STAT).where(Outbox.id.in_(rows)).execute()
-    return len(rows)
+    return moved
 
 
 def send_now(order_id: int, by: str, client: str = "") -> int:
     """Waiting or failed rows become due now (the worker is woken by the caller)."""
+    order = _order(order_id)
+    due = outbox.send_now(_study_uids(order_id))
     with write_transaction():
-        order = _order(order_id)
-        due = Outbox.update(next_attempt_at=utcnow()).where(Outbox.id.in_(_queued_rows(order_id))).execute()
         audit(by, "send_now", order, f"{due} instance(s) due now", client)
     log.info("console: order %d sent now by %s (%d instance(s))", order_id, by, due)
-    return int(due)
+    return due
 
 
 def retry(order_id: int, by: str, client: str = "") -> int:
     """Quarantined instances of the order's studies are queued again (the cause has been fixed)."""
-    uids = [uid for (uid,) in Study.select(Study.study_instance_uid).join(StudyMatch, on=(StudyMatch.study == Study.id))
-            .where(StudyMatch.order == order_id).tuples()]
+    uids = _study_uids(order_id)
     if not uids:  # never call retry_quarantined with nothing: that means "all"
         return 0
-    count = retry_quarantined(tuple(uids))
+    count = outbox.retry_quarantined(tuple(uids))
     with write_transaction():
         audit(by, "retry", _order(order_id), f"{count} quarantined instance(s) queued again", client)
     log.info("console: order %d: %d quarantined instance(s) retried by %s", order_id, count, by)

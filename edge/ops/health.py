@@ -12,6 +12,7 @@ from peewee import DatabaseError
 from edge.node.config import EdgeConfig
 from edge.dicom import availability
 from edge.dicom.availability import DicomAvailability
+from edge.store.const import SyncState
 from edge.store.db import database
 from edge.store.queries import (
     count_missing_files,
@@ -113,7 +114,7 @@ def check_spool_files() -> Check:
 
 def check_outbox() -> Check:
     summary = outbox_summary()
-    quarantined = summary.by_state.get("quarantined", 0)
+    quarantined = summary.by_state.get(SyncState.QUARANTINED, 0)
     detail = f"{summary.depth} waiting for the cloud"
     if quarantined:
         detail += f", {quarantined} quarantined (need a human: edge studies)"
@@ -123,7 +124,7 @@ def check_outbox() -> Check:
 def check_cloud(config: EdgeConfig) -> Check:
     """Degraded (not failing) while uploads fail: the node keeps everything and retries."""
     summary = outbox_summary()
-    failing = summary.by_state.get("failed", 0)
+    failing = summary.by_state.get(SyncState.FAILED, 0)
     error = latest_outbox_error()
     if failing and error:
         return Check("cloud", False, False, f"{failing} instance(s) failing to upload: {error[1]}")

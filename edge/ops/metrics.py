@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from edge.dicom import metrics as dicom_counters  # noqa: F401  (the counters are on /metrics in every process)
+from edge.store.const import SyncState
 
 if TYPE_CHECKING:
     from edge.node.config import EdgeConfig
@@ -68,7 +69,7 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("edge_instance_files_missing", "Instance rows whose file is gone", value=count_missing_files())
         summary = outbox_summary()
         by_state = GaugeMetricFamily("edge_outbox_instances", "Outbox rows by state", labels=["state"])
-        for state in ("pending", "sending", "synced", "failed", "quarantined"):
+        for state in SyncState:
             by_state.add_metric([state], summary.by_state.get(state, 0))
         yield by_state
         yield GaugeMetricFamily("edge_outbox_depth", "Instances not yet in the cloud", value=summary.depth)

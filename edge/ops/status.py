@@ -7,6 +7,7 @@ from typing import Any
 from edge.node.config import EdgeConfig
 from edge.ops.health import check_disk, dicom_availability, disk_free_bytes, port_listening
 from edge.terminal import printable
+from edge.store.const import SyncState
 from edge.store.queries import (
     count_instances,
     count_missing_files,
@@ -74,7 +75,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(
         f"outbox    {outbox['depth']} waiting"
         + (f", oldest {age // 60} min" if age is not None else "")
-        + (f", quarantined {outbox['by_state']['quarantined']}" if outbox["by_state"].get("quarantined") else "")
+        + (f", quarantined {outbox['by_state'][SyncState.QUARANTINED]}" if outbox["by_state"].get(SyncState.QUARANTINED) else "")
     )
     lines.append(f"uploaded  last at {p(outbox['last_upload_at'] or 'never')} to {p(outbox['cloud'])}")
     if outbox["last_error"] and outbox["depth"]:

@@ -1,8 +1,9 @@
 """Which order a received study belongs to: decided after ingest, never during C-STORE.
 
-The C-STORE path stays as lean as the ingest work made it; the console runs
-:func:`match_new_studies` when it reads (a few indexed queries, a write only when there
-is something new), so a study is matched within one refresh of arriving. The order of
+The C-STORE path stays as lean as the ingest work made it; the sync service runs
+:func:`match_new_studies` after each burst of arrivals and every poll (``sync.arrivals``:
+a few indexed queries, a write only when there is something new), so a study is matched
+moments after it is kept, whether or not anyone has the console open. The order of
 evidence: our own Study Instance UID from the worklist, then the accession number, then
 the patient id with the study date (only when exactly one order of that kind fits).
 """

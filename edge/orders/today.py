@@ -11,18 +11,19 @@ from dataclasses import dataclass, field
 from peewee import fn
 
 from edge.orders.tables import Order, StudyMatch, Visit
+from edge.store.const import ReportState, SyncState
 from edge.store.models import Instance, Outbox, Series, Study, utcnow
 from edge.store.rows import rows
 
 
 @dataclass
 class _Progress:
-    states: set[str] = field(default_factory=set)
+    states: set[SyncState] = field(default_factory=set)
     total_bytes: int = 0
     synced_bytes: int = 0
     instances: int = 0
     reason: str = ""
-    report: str = "none"
+    report: ReportState = ReportState.NONE
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,16 @@ def _study_progress(study_ids: list[int]) -> dict[int, _Progress]:
     )
     for study_id, state, count, size, error in rows(query, tuple[int, str, int, int, str | None]):
         p = progress[study_id]
-        p.states.add(state)
+        p.states.add(SyncState(state))
         p.instances += int(count)
         p.total_bytes += int(size)
-        if state == "synced":
+        if state == SyncState.SYNCED:
             p.synced_bytes += int(size)
-        if state in ("quarantined", "failed") and error and (state == "quarantined" or not p.reason):
+        if state in (SyncState.QUARANTINED, SyncState.FAILED) and error and (state == SyncState.QUARANTINED or not p.reason):
             p.reason = str(error)
     reports = Study.select(Study.id, Study.report_state).where(Study.id.in_(study_ids))
     for study_id, report in rows(reports, tuple[int, str]):
-        progress[study_id].report = report
+        progress[study_id].report = ReportState(report)
     return progress
 
 
@@ -88,17 +89,17 @@ def _state(parts: list[_Progress]) -> tuple[str, int, str, str, int]:
     total = sum(p.total_bytes for p in parts)
     synced = sum(p.synced_bytes for p in parts)
     instances = sum(p.instances for p in parts)
-    percent = int(100 * synced / total) if total else (100 if states == {"synced"} else 0)
-    problem = "quarantined" if "quarantined" in states else "failed" if "failed" in states else ""
+    percent = int(100 * synced / total) if total else (100 if states == {SyncState.SYNCED} else 0)
+    problem = next((s for s in (SyncState.QUARANTINED, SyncState.FAILED) if s in states), "")
     reason = next((p.reason for p in parts if p.reason), "")
     reports = {p.report for p in parts}
-    if "printed" in reports:
+    if ReportState.PRINTED in reports:
         state = "printed"
-    elif "ready" in reports:
+    elif ReportState.READY in reports:
         state = "report_ready"
-    elif states == {"synced"}:
+    elif states == {SyncState.SYNCED}:
         state = "in_cloud"
-    elif states & {"synced", "sending"}:
+    elif states & {SyncState.SYNCED, SyncState.SENDING}:
         state = "uploading"
     else:
         state = "received"

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from enum import StrEnum
+from typing import Final
 
 DATABASE_NAME: Final = "edge.db"
 SPOOL_DIR: Final = "spool"
 TMP_DIR: Final = "tmp"
 UNREADABLE_DIR: Final = "unreadable"
 
-SyncState = Literal["pending", "sending", "synced", "failed", "quarantined"]
-ReportState = Literal["none", "ready", "printed"]
+
+class SyncState(StrEnum):
+    """An outbox row's state; the database holds the value. Only ``sync.outbox`` moves a row between them."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SYNCED = "synced"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+
+
+class ReportState(StrEnum):
+    """A study's report: none yet, ready (pulled from the cloud), printed at the kiosk."""
+
+    NONE = "none"
+    READY = "ready"
+    PRINTED = "printed"
+
 
 # Outbox priority: lower goes first. ECGs jump routine images: a chest-pain patient waits.
 PRIORITY_STAT: Final = 0

@@ -16,6 +16,7 @@ from peewee import (
     TextField,
 )
 
+from edge.store.const import PRIORITY_ROUTINE, ReportState, SyncState
 from edge.store.db import database
 
 
@@ -39,7 +40,7 @@ class Study(StoreModel):
     study_date = CharField(max_length=8, default="")
     received_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
-    report_state = CharField(max_length=16, default="none")
+    report_state = CharField(max_length=16, default=ReportState.NONE.value)
 
 
 class Series(StoreModel):
@@ -67,11 +68,16 @@ class Instance(StoreModel):
 
 
 class Outbox(StoreModel):
-    """One row per instance to upload; sync owns the state machine on it."""
+    """One row per instance to upload.
+
+    One writer: the row is born in the instance's own transaction (``edge.store.spool.queue_upload``,
+    the only insert) and every later change of state, priority or due time is a function of
+    ``sync.outbox``; other packages read it through the typed queries there or in ``edge.store.queries``.
+    """
 
     instance = ForeignKeyField(Instance, unique=True, backref="outbox", on_delete="CASCADE")
-    state = CharField(max_length=16, default="pending", index=True)
-    priority = IntegerField(default=50)
+    state = CharField(max_length=16, default=SyncState.PENDING.value, index=True)
+    priority = IntegerField(default=PRIORITY_ROUTINE)
     attempts = IntegerField(default=0)
     next_attempt_at = DateTimeField(default=utcnow)
     last_error = TextField(default="")

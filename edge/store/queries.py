@@ -8,11 +8,12 @@ from typing import Any
 
 from peewee import fn
 
+from edge.store.const import ReportState, SyncState
 from edge.store.models import Instance, Outbox, Series, Study, utcnow
 from edge.store.rows import row, rows
 
 # A study's sync state is its worst instance's: one quarantined instance needs a human.
-_STATE_ORDER = ("quarantined", "failed", "sending", "pending", "synced")
+_STATE_ORDER = (SyncState.QUARANTINED, SyncState.FAILED, SyncState.SENDING, SyncState.PENDING, SyncState.SYNCED)
 
 
 def iso(value: dt.datetime | None) -> str | None:
@@ -27,20 +28,20 @@ class StudyRow:
     modalities: list[str]
     instances: int
     received_at: str | None
-    sync_state: str
-    report_state: str
+    sync_state: SyncState
+    report_state: ReportState
     last_error: str
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def study_sync_state(states: set[str]) -> str:
+def study_sync_state(states: set[SyncState]) -> SyncState:
     """Aggregate instance outbox states into the study's state."""
     for state in _STATE_ORDER:
         if state in states:
             return state
-    return "pending"
+    return SyncState.PENDING
 
 
 def list_studies(limit: int | None = None) -> list[StudyRow]:
@@ -58,7 +59,7 @@ def list_studies(limit: int | None = None) -> list[StudyRow]:
     for study_id, modality in rows(series, tuple[int, str]):
         if modality:
             modalities.setdefault(study_id, set()).add(modality)
-    states: dict[int, set[str]] = {}
+    states: dict[int, set[SyncState]] = {}
     errors: dict[int, str] = {}
     query = (
         Outbox.select(Instance.study, Outbox.state, Outbox.last_error)
@@ -66,8 +67,8 @@ def list_studies(limit: int | None = None) -> list[StudyRow]:
         .where(Instance.study.in_(ids))
     )
     for study_id, state, error in rows(query, tuple[int, str, str]):
-        states.setdefault(study_id, set()).add(state)
-        if error and state in ("quarantined", "failed"):
+        states.setdefault(study_id, set()).add(SyncState(state))
+        if error and state in (SyncState.QUARANTINED, SyncState.FAILED):
             errors[study_id] = error
     return [
         StudyRow(
@@ -77,7 +78,7 @@ def list_studies(limit: int | None = None) -> list[StudyRow]:
             instances=counts.get(s.id, 0),
             received_at=iso(s.received_at),
             sync_state=study_sync_state(states.get(s.id, set())),
-            report_state=s.report_state,
+            report_state=ReportState(s.report_state),
             last_error=errors.get(s.id, ""),
         )
         for s in studies
@@ -86,20 +87,21 @@ def list_studies(limit: int | None = None) -> list[StudyRow]:
 
 @dataclass(frozen=True)
 class OutboxSummary:
-    by_state: dict[str, int]
+    by_state: dict[SyncState, int]
     oldest_pending_age_s: float | None
     last_upload_at: str | None
 
     @property
     def depth(self) -> int:
         """Instances still to reach the cloud (all but synced)."""
-        return sum(n for state, n in self.by_state.items() if state != "synced")
+        return sum(n for state, n in self.by_state.items() if state != SyncState.SYNCED)
 
 
 def outbox_summary() -> OutboxSummary:
-    by_state = dict(rows(Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state), tuple[str, int]))
-    oldest = Outbox.select(fn.MIN(Outbox.created_at)).where(Outbox.state != "synced").scalar()
-    last = Outbox.select(fn.MAX(Outbox.updated_at)).where(Outbox.state == "synced").scalar()
+    by_state = {SyncState(state): n for state, n in
+                rows(Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state), tuple[str, int])}
+    oldest = Outbox.select(fn.MIN(Outbox.created_at)).where(Outbox.state != SyncState.SYNCED).scalar()
+    last = Outbox.select(fn.MAX(Outbox.updated_at)).where(Outbox.state == SyncState.SYNCED).scalar()
     age = None
     if oldest is not None:
         oldest = oldest if isinstance(oldest, dt.datetime) else dt.datetime.fromisoformat(str(oldest))
@@ -126,13 +128,13 @@ def largest_instance_bytes(limit: int = 256 * 2**20) -> int:
     return min(int(value), limit)
 
 
-def latest_outbox_error() -> tuple[str, str] | None:
+def latest_outbox_error() -> tuple[SyncState, str] | None:
     """(state, reason) of the most recent failed or quarantined upload, for ``edge status``."""
     row = (
         Outbox.select(Outbox.state, Outbox.last_error)
-        .where(Outbox.state.in_(("failed", "quarantined")), Outbox.last_error != "")
+        .where(Outbox.state.in_((SyncState.FAILED, SyncState.QUARANTINED)), Outbox.last_error != "")
         .order_by(Outbox.updated_at.desc())
         .tuples()
         .first()
     )
-    return (str(row[0]), str(row[1])) if row else None
+    return (SyncState(row[0]), str(row[1])) if row else None

@@ -20,7 +20,7 @@ from pathlib import Path
 from peewee import DatabaseError
 from pydicom.datadict import tag_for_keyword
 
-from edge.store.const import ECG_SOP_CLASSES, PRIORITY_ECG, PRIORITY_ROUTINE, SPOOL_DIR, TMP_DIR
+from edge.store.const import ECG_SOP_CLASSES, PRIORITY_ECG, PRIORITY_ROUTINE, SPOOL_DIR, TMP_DIR, SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Series, Study, log_event, utcnow
 from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
@@ -179,6 +179,15 @@ def outbox_priority(sop_class_uid: str) -> int:
     return PRIORITY_ECG if sop_class_uid in ECG_SOP_CLASSES else PRIORITY_ROUTINE
 
 
+def queue_upload(instance: Instance, sop_class_uid: str) -> None:
+    """The only insert into the outbox: in the instance's own transaction, so a kept instance is always queued.
+
+    Everything after this (claims, outcomes, STAT, send now, retry) belongs to ``sync.outbox``;
+    the store cannot call it (the ground imports nothing above it), hence this one exception.
+    """
+    Outbox.create(instance=instance, priority=outbox_priority(sop_class_uid), state=SyncState.PENDING)
+
+
 def keep_instance(
     spool: Spool,
     received: Path,
@@ -286,5 +295,5 @@ def _insert_rows(
         source=source,
         received_at=now,
     )
-    Outbox.create(instance=instance, priority=outbox_priority(header.sop_class_uid))
+    queue_upload(instance, header.sop_class_uid)
     log_event("instance_kept", f"from {calling_aet or source}, {size} bytes", header.study_instance_uid, header.sop_instance_uid)
