@@ -548,6 +548,7 @@ def prefill(config: Path, files: Sequence[Path], log_path: Path) -> None:
 
 
 def _prefill_main(config_path: str, files: Sequence[str]) -> int:
+    import edge.node.parts  # noqa: F401  (every part's tables, for open_database)
     from edge.node.config import load_config
     from edge.store.db import open_database
     from edge.store.spool import Spool, keep_instance

@@ -1,10 +1,9 @@
 """The ECG boxes for central ops: connected boxes, battery, electrodes and recordings, from the store.
 
-Registered with :func:`edge.ops.metrics.add_fleet_collector` at import (``edge.ops.metrics``
-imports this module before it builds /metrics or the heartbeat), so ``edge serve console``
-and ``edge serve ops`` report the boxes the bridge process sees. Read at scrape time from
-the bridge's tables; importing this stays cheap (no pyserial, no numpy: the bridge's
-modules are imported when scraped).
+Declared in the bridge's Part (firmware_bridge.part, ``fleet_collectors``), so /metrics and the
+heartbeat of ``edge serve console`` and ``edge serve ops`` report the boxes the bridge process
+sees. Read at scrape time from the bridge's tables; importing this stays cheap (no pyserial,
+no numpy: the bridge's modules are imported when scraped).
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from edge.ops.metrics import add_fleet_collector
 
 if TYPE_CHECKING:
     from edge.node.config import EdgeConfig
@@ -78,5 +75,3 @@ class BridgeCollector(Collector):
             recordings.add_metric([state], counts.get(state, 0))
         yield from (connected_family, battery, lead_off, recordings)
 
-
-add_fleet_collector(BridgeCollector)

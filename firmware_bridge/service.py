@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from edge.service import BackgroundTasks
 from edge.store.spool import KeptInstance, Spool
 from edge.store.walk import DecodeLimits
 from firmware_bridge.boxes import forget_connections
@@ -42,6 +43,7 @@ class BridgeService:
         self.sessions: dict[str, BoxSession] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._scanner: asyncio.Task[None] | None = None
+        self._running = BackgroundTasks("bridge")  # the scanner and every port's session
 
     async def start(self) -> None:
         if not self.settings.enabled:
@@ -49,18 +51,12 @@ class BridgeService:
             return
         await asyncio.to_thread(forget_connections)
         self._scan()
-        self._scanner = asyncio.create_task(self._rescan(), name="bridge-scan")
+        self._scanner = self._running.start(self._rescan(), name="bridge-scan")
         log.info("bridge: watching %d port(s)%s", len(self._tasks),
                  f", and {self.settings.port_glob} for new boxes" if self.settings.port_glob else "")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._scanner, *self._tasks.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=5.0)
-            for task in stuck:
-                log.warning("bridge: %s did not stop within 5 s", task.get_name())
+        await self._running.stop(timeout_s=5.0)
         self._tasks.clear()
         self._scanner = None
 
@@ -88,7 +84,7 @@ class BridgeService:
                     limits=DecodeLimits.from_storage(self.config.storage),
                 )
                 self.sessions[port] = session
-                self._tasks[port] = asyncio.create_task(session.run(), name=f"bridge-{port}")
+                self._tasks[port] = self._running.start(session.run(), name=f"bridge-{port}")
         for port in list(self._tasks):  # a globbed box that went away and is not configured
             if port not in wanted and port not in self.settings.ports:
                 self._tasks.pop(port).cancel()

@@ -8,7 +8,6 @@ only in POST bodies, and the server keeps it in a session the idle timeout forge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import ipaddress
 import logging
@@ -22,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pypdf import PdfReader
 
 from edge.http_server import HttpLimits, HttpListener, serve_app
-from edge.service import ServiceSetupError
+from edge.service import BackgroundTasks, ServiceSetupError
 from kiosk import metrics, pages
 from kiosk.const import PrinterState
 from kiosk.i18n import load_catalog
@@ -377,11 +376,10 @@ async def _watch_printer(app: web.Application) -> AsyncIterator[None]:
                 last = ctx.printer_state
             await asyncio.sleep(ctx.config.kiosk.printer_check_interval_s)
 
-    task = asyncio.create_task(loop(), name="kiosk-printer")
+    tasks = BackgroundTasks("kiosk")
+    tasks.start(loop(), name="kiosk-printer")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await tasks.stop()
 
 
 def make_app(config: EdgeConfig, context: KioskContext | None = None) -> web.Application:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from edge.service import ServiceSetupError
+from edge.service import BackgroundTasks, ServiceSetupError
 from edge.store.spool import Spool
 from edge.store.walk import DecodeLimits
 from sync import metrics
@@ -39,7 +39,7 @@ class SyncService:
         self.config = config
         self.spool = spool
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = BackgroundTasks("sync")
         self._worker: OutboxWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._synced = asyncio.Event()
@@ -65,7 +65,7 @@ class SyncService:
                 cfg.sync, self.spool, client, self.spool.tmp, cfg.cloud.read_timeout_s, on_synced=self._synced.set,
                 limits=DecodeLimits.from_storage(cfg.storage),
             )
-            self._tasks.append(asyncio.create_task(self._worker.run(), name="outbox"))
+            self._tasks.start(self._worker.run(), name="outbox")
         if cfg.reports.enabled:
             puller = ReportPuller(
                 cfg.data_dir,
@@ -77,11 +77,11 @@ class SyncService:
                     max_deflate_ratio=cfg.storage.max_deflate_ratio,
                 ),
             )
-            self._tasks.append(asyncio.create_task(
+            self._tasks.start(
                 _every(cfg.reports.poll_interval_s, lambda: _pull_reports(puller, client), "report puller"), name="reports"
-            ))
-        self._tasks.append(asyncio.create_task(self._arrivals_loop(), name="arrivals"))
-        self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+            )
+        self._tasks.start(self._arrivals_loop(), name="arrivals")
+        self._tasks.start(self._retention_loop(), name="retention")
         log.info(
             "sync: uploading to %s (%d in flight, compression %s)%s",
             cfg.cloud.dicomweb_url, cfg.sync.concurrency, cfg.sync.compress,
@@ -129,10 +129,7 @@ class SyncService:
         self._loop.call_soon_threadsafe(self._synced.set)  # the disk filled a little: retention looks
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None

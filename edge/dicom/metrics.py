@@ -1,7 +1,7 @@
 """The DICOM service's own counters (prometheus-client's default registry).
 
 A part owns its metrics; the roof's /metrics (edge.ops.metrics) and the file another process
-reads them from (edge.ops.dicom_metrics) only collect them.
+reads them from (edge.dicom.published_metrics) only collect them.
 """
 
 from __future__ import annotations

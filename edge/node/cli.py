@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from edge import __version__
 from edge.config import CONFIG_ENV, ConfigError, resolve_config_path
 from edge.node.config import EdgeConfig, load_config
-from edge.node.services import SERVICE_NAMES, StartupError, run_services
+from edge.node.parts import PARTS_IN_ORDER, SERVICE_NAMES
+from edge.node.services import StartupError, run_services
 
 log = logging.getLogger("edge")
 
@@ -118,18 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("study", nargs="*", help="Study Instance UIDs (see edge studies)")
     retry.add_argument("--all", action="store_true", help="every quarantined instance")
     retry.set_defaults(func=cmd_retry)
-    from edge.ops.commands import add_commands
-
-    add_commands(sub)  # doctor, provision, discover, decommission
-    from firmware_bridge.cli import add_commands as add_ecg_commands
-
-    add_ecg_commands(sub)  # ecg-sim, ecg-arm, ecg-firmware
-    from kiosk.cli import add_commands as add_kiosk_commands
-
-    add_kiosk_commands(sub)  # kiosk allow-reprint, issue-ticket, audit
-    from edge.console.cli import add_commands as add_user_commands
-
-    add_user_commands(sub)  # user add, list, unlock, passwd, disable, enable
+    for part in PARTS_IN_ORDER:  # ecg-*, kiosk, user, doctor, provision, discover, decommission
+        if part.add_commands is not None:
+            part.add_commands(sub)
     return parser
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from edge import (
     sdnotify,  # and nothing heavier: the supervisor stays a bare interpreter
 )
+from edge.service import BackgroundTasks  # stdlib only, like sdnotify
 
 log = logging.getLogger("edge.node.supervisor")  # also when run as __main__
 
@@ -245,7 +246,7 @@ async def supervise(config_path: Path, node_id: str) -> int:
     watchdog_s = systemd_watchdog_s * 2 if systemd_watchdog_s is not None else CHILD_WATCHDOG_S
     children = [_Child(label, names, config_path.resolve(), watchdog_s) for label, names in RUN_GROUPS]
     started: list[_Child] = []
-    tasks: list[asyncio.Task[None]] = []
+    tasks = BackgroundTasks("run")
     try:
         for child in children:
             started.append(child)
@@ -254,17 +255,16 @@ async def supervise(config_path: Path, node_id: str) -> int:
                 return outcome
         log.info("run: node %s up: %s", node_id, ", ".join(f"{c.title} pid {c.proc.pid}" for c in children if c.proc))
         sdnotify.notify("READY=1", "STATUS=up: " + ", ".join(n for c in children for n in c.names))
-        tasks = [asyncio.create_task(_keep_running(c, stop), name=f"keep {c.label}") for c in children]
-        tasks.append(asyncio.create_task(_watch_for_hangs(children), name="hangs"))
+        for c in children:
+            tasks.start(_keep_running(c, stop), name=f"keep {c.label}")
+        tasks.start(_watch_for_hangs(children), name="hangs")
         if systemd_watchdog_s is not None:
-            tasks.append(asyncio.create_task(sdnotify.keep_watchdog_fed(systemd_watchdog_s), name="watchdog"))
+            tasks.start(sdnotify.keep_watchdog_fed(systemd_watchdog_s), name="watchdog")
         await stop.wait()
         log.info("run: node %s stopping", node_id)
         sdnotify.notify("STOPPING=1")
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await tasks.stop()
         for child in reversed(started):
             await child.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):

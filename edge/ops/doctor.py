@@ -8,36 +8,26 @@ works from this box now. ``warn`` and ``skip`` never fail the run; ``fail`` does
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import cast
 
 from edge.node.config import EdgeConfig
-from edge.dicom.modalities import configured_modalities
 from edge.ops.health import disk_free_bytes, port_listening
+from edge.part import DoctorCheck, Part, Verdict
+from edge.part import DoctorItem as Item
 from edge.terminal import printable
+from kiosk.doctor import check_printer
 
 log = logging.getLogger(__name__)
 
-Verdict = Literal["pass", "fail", "warn", "skip"]
-PROBE_UID = "2.25.1"  # a Study Instance UID nobody holds: QIDO proves reach and auth, returns no patient data
-
-
-@dataclass(frozen=True)
-class Item:
-    name: str
-    verdict: Verdict
-    detail: str
-    hint: str = ""
-
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["Item", "Verdict", "check_printer", "format_items", "run_doctor"]  # check_printer: the kiosk's, for its tests
 
 
 def check_config(config: EdgeConfig, path: str) -> Item:
@@ -107,135 +97,6 @@ def check_clock() -> Item:
                 "install systemd-timesyncd or chrony (the appliance image has timesyncd)")
 
 
-def check_worklist(config: EdgeConfig) -> Item:
-    """Who may read the worklist: closed until a modality (AE title and address) is configured."""
-    cfg = config.dicom
-    modalities = configured_modalities(cfg)
-    if not modalities:
-        return Item("worklist", "warn", "closed: no modality configured, so the DR cannot read the day's orders",
-                    "set [dicom] modality_host to the DR's address and modality_ae to the AE title it calls with "
-                    "(a second modality: other_modalities = [\"AE@host\"]), then restart")
-    days = ("today" if not (cfg.worklist_days_back or cfg.worklist_days_ahead)
-            else f"today -{cfg.worklist_days_back}/+{cfg.worklist_days_ahead} days")
-    peers = ", ".join(f"{m.ae_title}@{m.host}" for m in modalities)
-    return Item("worklist", "pass", f"answers only {peers}; {days}")
-
-
-def check_calling_aets(config: EdgeConfig) -> Item:
-    """C-STORE is open to any calling AE on a first run; say so until the clinic closes it."""
-    allowed = config.dicom.allowed_calling_aets
-    if not allowed:
-        return Item("c-store", "warn", "any calling AE title may store images ([dicom] allowed_calling_aets is empty)",
-                    f"set [dicom] allowed_calling_aets = [\"{config.dicom.modality_ae}\"] (the DR's AE title) "
-                    "once the DR sends")
-    return Item("c-store", "pass", f"only {', '.join(allowed)} may store images")
-
-
-def check_dr(config: EdgeConfig) -> Item:
-    """C-ECHO to the configured modality, with our own AE title as the caller."""
-    cfg = config.dicom
-    if not cfg.modality_host:
-        return Item("dr", "skip", "no DR configured", "set [dicom] modality_host (and modality_ae, modality_port) or run edge provision")
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    target = f"{cfg.modality_ae}@{cfg.modality_host}:{cfg.modality_port}"
-    ae = AE(ae_title=cfg.ae_title)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
-    assoc = ae.associate(cfg.modality_host, cfg.modality_port, ae_title=cfg.modality_ae)
-    try:
-        if assoc.is_rejected:
-            return Item("dr", "fail", f"{target} rejected the association",
-                        f"on the DR, add this node as a DICOM peer (AE {cfg.ae_title}); check [dicom] modality_ae matches the DR's AE title")
-        if not assoc.is_established:
-            return Item("dr", "fail", f"no DICOM answer from {target}",
-                        "is the DR switched on and cabled? check [dicom] modality_host and modality_port (ping it)")
-        status = assoc.send_c_echo()
-        code = getattr(status, "Status", None)
-        if code == 0x0000:
-            return Item("dr", "pass", f"C-ECHO to {target}: success")
-        return Item("dr", "fail", f"C-ECHO to {target} answered {code!r}", "the DR refused Verification; check its DICOM settings")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
-async def check_cloud(config: EdgeConfig) -> Item:
-    """A QIDO-RS for a UID nobody holds: proves the link, TLS and the credentials."""
-    from sync.cloud import CloudSetupError, load_auth_headers, open_session
-    from sync.dicomweb import DicomWebClient, DicomWebError
-
-    url = config.cloud.dicomweb_url
-    try:
-        headers = load_auth_headers(config.path(config.cloud.secrets_file))
-        session = open_session(config)
-    except CloudSetupError as exc:
-        return Item("cloud", "fail", str(exc), "fix the secrets file (edge provision --token …) or the TLS files in [cloud]")
-    try:
-        await DicomWebClient(session, url, headers).find_instances(PROBE_UID, limit=1)
-    except DicomWebError as exc:
-        if exc.status in (401, 403):
-            hint = "the cloud refused our credentials: get a new token and run edge provision --token …"
-        elif exc.status is None:
-            hint = "no answer: check the uplink (router, SIM credit) and [cloud] dicomweb_url"
-        else:
-            hint = "the cloud answered but not as DICOMweb: check [cloud] dicomweb_url (the DICOMweb root)"
-        return Item("cloud", "fail", f"QIDO-RS to {url}: {exc}", hint)
-    finally:
-        await session.close()
-    auth = "authenticated" if headers else "no credentials configured"
-    return Item("cloud", "pass", f"QIDO-RS to {url}: answered ({auth})")
-
-
-def check_boxes(config: EdgeConfig) -> Item:
-    """Serial ECG boxes: every port listed in [bridge] present; skipped where the clinic has none."""
-    bridge = getattr(config, "bridge", None)
-    if bridge is None or not getattr(bridge, "enabled", True):
-        return Item("boxes", "skip", "ECG bridge not enabled on this node")
-    import glob
-
-    listed = [str(p) for p in getattr(bridge, "ports", [])]
-    pattern = str(getattr(bridge, "port_glob", "") or "")
-    plugged = sorted(glob.glob(pattern)) if pattern else []
-    if not listed and not plugged:
-        return Item("boxes", "skip", f"no ECG box configured or plugged in ([bridge] ports empty, nothing at {pattern or '-'})")
-    missing = [p for p in listed if not Path(p).exists()]
-    if missing:
-        return Item("boxes", "fail", f"serial port(s) missing: {', '.join(missing)}",
-                    "plug the ECG box's USB cable in (and switch it on); check `ls /dev/serial/by-id/` against [bridge] ports")
-    present = sorted(set(listed) | set(plugged))
-    return Item("boxes", "pass", f"serial port(s) present: {', '.join(present)}")
-
-
-_PRINTER_HINTS = {
-    "offline": {
-        "cups": "check the printer is on and cabled, then `lpstat -p {queue}`; cupsenable {queue} if disabled; "
-                "the queue must exist (lpadmin -p {queue} -E -v … -m everywhere)",
-        "escpos": "plug the receipt printer's USB cable in and switch it on ({device} must exist)",
-    },
-    "paper_out": {"cups": "load paper", "escpos": "load a new paper roll"},
-}
-
-
-def check_printer(config: EdgeConfig, require_kiosk: bool = True) -> Item:
-    """The kiosk's own printer backend says whether it can print now (CUPS queue or ESC/POS device)."""
-    k = config.kiosk
-    if require_kiosk and not port_listening(k.bind_address, k.port):
-        return Item("printer", "skip", "kiosk not running on this node: printer not checked")
-    from kiosk.app import make_printer
-
-    where = f"CUPS queue {k.cups_queue!r}" if k.printer == "cups" else f"ESC/POS printer at {k.escpos_device}"
-    state = make_printer(config).state()
-    if state == "ok":
-        return Item("printer", "pass", f"{where} ready")
-    if state == "job_failed":
-        return Item("printer", "warn", f"{where}: the last print job failed", "check the printer, then print a test page")
-    hint = _PRINTER_HINTS.get(state, {}).get(k.printer, "check the printer")
-    return Item("printer", "fail", f"{where}: {state.replace('_', ' ')}",
-                hint.format(queue=k.cups_queue, device=k.escpos_device))
-
-
 def check_services(config: EdgeConfig) -> Item:
     ports = {"dicom": (config.dicom.bind_address, config.dicom.port), "console": (config.console.bind_address, config.console.port)}
     down = [f"{name} (port {port})" for name, (addr, port) in ports.items() if not port_listening(addr, port)]
@@ -281,21 +142,26 @@ async def check_heartbeat(config: EdgeConfig) -> Item:
     return Item("heartbeat", "pass", f"pushed to {config.ops.pushgateway_url} as node_id={config.node.id}")
 
 
-async def run_doctor(config: EdgeConfig, config_path: str) -> list[Item]:
-    """Every item, in the order an engineer would fix them."""
-    sync_checks: list[Callable[[], Item]] = [
+async def run_doctor(config: EdgeConfig, config_path: str, parts: Sequence[Part] | None = None) -> list[Item]:
+    """The node's own items first (config, disk, clock, ports), then each part's, in start order."""
+    if parts is None:
+        from edge.node.parts import PARTS_IN_ORDER as parts
+    node_checks: list[Callable[[], Item]] = [
         lambda: check_config(config, config_path), lambda: check_disk(config), lambda: check_encryption(config),
-        check_clock, lambda: check_services(config), lambda: check_dr(config), lambda: check_worklist(config),
-        lambda: check_calling_aets(config),
+        check_clock, lambda: check_services(config),
     ]
-    items = [await asyncio.to_thread(check) for check in sync_checks]
-    async_checks: list[Callable[[], Awaitable[Item]]] = [
-        lambda: check_cloud(config), lambda: check_heartbeat(config), lambda: check_zeroconf(config),
-    ]
-    for acheck in async_checks:
-        items.append(await acheck())
-    items += [check_boxes(config), await asyncio.to_thread(check_printer, config)]
+    items = [await asyncio.to_thread(check) for check in node_checks]
+    for part in parts:
+        for part_check in part.doctor_checks:
+            items.append(await run_check(part_check, config))
     return items
+
+
+async def run_check(check: DoctorCheck, config: EdgeConfig) -> Item:
+    """A coroutine function on the loop; a plain one in a thread (it probes sockets, runs commands)."""
+    if inspect.iscoroutinefunction(check):
+        return await cast(Callable[[EdgeConfig], Awaitable[Item]], check)(config)
+    return await asyncio.to_thread(cast(Callable[[EdgeConfig], Item], check), config)
 
 
 def format_items(items: list[Item]) -> str:
@@ -307,3 +173,4 @@ def format_items(items: list[Item]) -> str:
     counts = {v: sum(item.verdict == v for item in items) for v in ("fail", "pass", "warn", "skip")}
     lines.append(f"{counts['fail']} failed, {counts['pass']} passed, {counts['warn']} warnings, {counts['skip']} skipped")
     return "\n".join(lines)
+

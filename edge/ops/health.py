@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from peewee import DatabaseError
 
 from edge.node.config import EdgeConfig
+from edge.ports import port_listening  # noqa: F401  (where status and metrics look for it)
 from edge.dicom import availability
 from edge.dicom.availability import DicomAvailability
 from edge.store.const import SyncState
@@ -35,20 +35,6 @@ def disk_free_bytes(config: EdgeConfig) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free
-
-
-def port_listening(address: str, port: int, timeout: float = 1.0) -> bool:
-    """True when something accepts TCP connections there (0.0.0.0 means this host).
-
-    A real connection: never for the DICOM port in a health check (it would take one of
-    the DR's slots; see dicom_availability), only where a human asks for a real probe.
-    """
-    host = "127.0.0.1" if address in ("0.0.0.0", "", "::") else address
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def check_disk(config: EdgeConfig) -> Check:

@@ -6,9 +6,8 @@ own process reports the same queue depth as the process that fills it.
 
 from __future__ import annotations
 
-import importlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -16,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from edge.dicom import metrics as dicom_counters  # noqa: F401  (the counters are on /metrics in every process)
+from edge.part import FleetCollectorFactory
 from edge.store.const import SyncState
 
 if TYPE_CHECKING:
@@ -25,25 +25,13 @@ if TYPE_CHECKING:
 PROCESS_STARTED_AT = time.time()
 """When this process started: ``edge_node_start_time_seconds`` (uptime = now - this)."""
 
-FleetCollectorFactory = Callable[["EdgeConfig"], Collector]
-_fleet_factories: list[FleetCollectorFactory] = []
 
-# Modules whose import calls add_fleet_collector with store-derived figures. Imported before
-# /metrics or the heartbeat registry is built, so every process that serves either (edge run,
-# edge serve console, edge serve ops, edge doctor) carries them. Keep them cheap to import.
-FLEET_MODULES: tuple[str, ...] = ("firmware_bridge.metrics",)
+def part_collectors() -> tuple[FleetCollectorFactory, ...]:
+    """Every part's store-derived figures (the bridge's boxes), as its Part declares them: they
+    join the heartbeat, the textfile and /metrics in every process that serves either."""
+    from edge.node.parts import PARTS_IN_ORDER
 
-
-def add_fleet_collector(factory: FleetCollectorFactory) -> None:
-    """Hook for another package's store-derived figures (the bridge's boxes): they join the
-    heartbeat, the textfile and /metrics. Call at import of a module listed in FLEET_MODULES."""
-    if factory not in _fleet_factories:
-        _fleet_factories.append(factory)
-
-
-def _import_fleet_modules() -> None:
-    for name in FLEET_MODULES:
-        importlib.import_module(name)
+    return tuple(factory for part in PARTS_IN_ORDER for factory in part.fleet_collectors)
 
 
 class StoreCollector(Collector):
@@ -145,11 +133,10 @@ def fleet_registry(config: EdgeConfig, services: tuple[str, ...] = ("dicom", "sy
     In-process counters are left out on purpose: under systemd each service is its own
     process, and only what comes from the store and the ports means the same everywhere.
     """
-    _import_fleet_modules()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(config))
     registry.register(HealthCollector(config, services))
-    for factory in _fleet_factories:
+    for factory in part_collectors():
         registry.register(factory(config))
     return registry
 
@@ -161,7 +148,6 @@ _registered_factories: list[FleetCollectorFactory] = []
 def register_store_collector(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> None:
     """Register once per process; later calls only update the config (and services) they read."""
     global _registered
-    _import_fleet_modules()
     if _registered is None:
         _registered = (StoreCollector(config), HealthCollector(config, services))
         for collector in _registered:
@@ -169,7 +155,7 @@ def register_store_collector(config: EdgeConfig, services: tuple[str, ...] = ("d
     else:
         _registered[0].config = config
         _registered[1].config, _registered[1].services = config, services
-    for factory in _fleet_factories:  # also one added since the first call
+    for factory in part_collectors():
         if factory not in _registered_factories:
             REGISTRY.register(factory(config))
             _registered_factories.append(factory)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from edge.service import ServiceSetupError
+from edge.service import BackgroundTasks, ServiceSetupError
 from edge.node.config import EdgeConfig
 from edge.ops.discovery import Announcer
 from edge.ops.heartbeat import Heartbeat, HeartbeatSetupError
@@ -35,7 +35,7 @@ class OpsService:
         self.config = config
         self.services = services
         self.announcer: Announcer | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = BackgroundTasks("ops")
 
     async def start(self) -> None:
         try:
@@ -43,7 +43,7 @@ class OpsService:
         except HeartbeatSetupError as exc:
             raise OpsSetupError(str(exc)) from None
         if heartbeat.enabled:
-            self._tasks.append(asyncio.create_task(heartbeat.run(), name="heartbeat"))
+            self._tasks.start(heartbeat.run(), name="heartbeat")
         else:
             log.info("heartbeat: off ([ops] pushgateway_url and textfile_dir are empty)")
         if self.config.ops.zeroconf:
@@ -54,7 +54,7 @@ class OpsService:
                 log.error("zeroconf: cannot announce on %s: %s", self.config.ops.zeroconf_interfaces or "all interfaces", exc)
             else:
                 self.announcer = announcer
-                self._tasks.append(asyncio.create_task(self._refresh_loop(announcer), name="zeroconf"))
+                self._tasks.start(self._refresh_loop(announcer), name="zeroconf")
 
     async def _refresh_loop(self, announcer: Announcer) -> None:
         while True:
@@ -65,10 +65,7 @@ class OpsService:
                 log.exception("zeroconf: refresh failed; trying again in %.0fs", ANNOUNCE_REFRESH_S)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.stop()
         if self.announcer is not None:
             try:
                 await self.announcer.stop()

@@ -7,9 +7,9 @@ tables from the current models on a fresh node.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from peewee import CharField, DateTimeField, Field, IntegerField, Model, SqliteDatabase
 from playhouse.migrate import SqliteMigrator, migrate
@@ -20,13 +20,37 @@ log = logging.getLogger(__name__)
 
 MigrationStep = Callable[[SqliteDatabase], None]
 
-# Modules that own tables, each exposing MIGRATIONS: Sequence[MigrationStep].
-# A module may set SCHEMA_PACKAGE to record its steps under its own name (needed for a
-# second owner inside one top-level package: the default name is that package's).
-SCHEMA_OWNERS: tuple[str, ...] = (
-    "edge.store.tables", "sync.tables", "kiosk.tables", "firmware_bridge.tables",
-    "edge.orders.tables", "edge.console.tables",
-)
+
+@dataclass(frozen=True)
+class Schema:
+    """A part's tables and the steps that build them, recorded under ``package`` in schema_migration.
+
+    ``package`` is the name the steps were always recorded under (a shipped node's database
+    holds it): never rename it.
+    """
+
+    package: str
+    tables: tuple[type[Model], ...]
+    migrations: Sequence[MigrationStep]
+
+
+_node_schemas: tuple[Schema, ...] = ()
+
+
+def use_schemas(schemas: Sequence[Schema]) -> None:
+    """The node's registry (edge.node.parts) names every part's schema, in order, once at import.
+
+    The store is the ground: it cannot import the parts, so the roof tells it what to migrate.
+    """
+    global _node_schemas
+    _node_schemas = tuple(schemas)
+
+
+def node_schemas() -> tuple[Schema, ...]:
+    """Every part's schema, as the node's registry gave them."""
+    if not _node_schemas:
+        raise RuntimeError("the node's parts are not loaded: import edge.node.parts before opening the database")
+    return _node_schemas
 
 
 class SchemaMigration(Model):
@@ -61,9 +85,8 @@ def apply_steps(db: SqliteDatabase, package: str, steps: Sequence[MigrationStep]
     return ran
 
 
-def migrate_all(db: SqliteDatabase, owners: Sequence[str] = SCHEMA_OWNERS) -> None:
-    """Bring every owner's tables up to date, in the listed order."""
+def migrate_all(db: SqliteDatabase, schemas: Sequence[Schema] | None = None) -> None:
+    """Bring every part's tables up to date, in the parts' dependency order."""
     db.create_tables([SchemaMigration], safe=True)
-    for owner in owners:
-        module = importlib.import_module(owner)
-        apply_steps(db, getattr(module, "SCHEMA_PACKAGE", owner.split(".")[0]), module.MIGRATIONS)
+    for schema in node_schemas() if schemas is None else schemas:
+        apply_steps(db, schema.package, schema.migrations)

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from edge.dicom import metrics as dicom_counters
+from edge.service import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DicomMetricsWriter:
         self._registry = CollectorRegistry(auto_describe=False)
         for metric in DICOM_METRICS:
             self._registry.register(metric)
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = BackgroundTasks("dicom")
 
     def write(self) -> None:
         """Now, from an association thread or the loop: the C-STORE's figures are on /metrics before its Success."""
@@ -68,7 +69,7 @@ class DicomMetricsWriter:
                 temp.unlink()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._keep_writing(), name="dicom metrics")
+        self._tasks.start(self._keep_writing(), name="dicom metrics")
 
     async def _keep_writing(self) -> None:
         while True:
@@ -76,11 +77,7 @@ class DicomMetricsWriter:
             await asyncio.sleep(WRITE_EVERY_S)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._tasks.stop()
         await asyncio.to_thread(self.write)
 
 

@@ -1,0 +1,38 @@
+"""The kiosk's Part: [kiosk], its ticket, audit and PIN-guard tables, the printer doctor item,
+``edge kiosk …`` and ``edge serve kiosk`` (the patient screen)."""
+
+from __future__ import annotations
+
+import argparse
+
+from edge.part import NodeContext, Part, ServiceFactory
+from edge.service import Service
+from edge.store.migrations import Schema
+from kiosk import tables
+from kiosk.config import KioskSection
+from kiosk.doctor import check_printer
+from kiosk.viewer_token import check_film_link
+
+
+def build_kiosk(context: NodeContext) -> Service:
+    from kiosk.app import KioskService
+
+    return KioskService(context.config)
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """kiosk allow-reprint, issue-ticket, audit."""
+    from kiosk.cli import add_commands as add_kiosk_commands
+
+    add_kiosk_commands(sub)
+
+
+PART = Part(
+    name="kiosk",
+    after=("store", "sync"),  # prints the reports sync brings back
+    sections={"kiosk": KioskSection},
+    schema=Schema("kiosk", tuple(tables.KIOSK_TABLES), tables.MIGRATIONS),
+    doctor_checks=(check_printer, check_film_link),
+    add_commands=add_commands,
+    services=(ServiceFactory("kiosk", build_kiosk),),
+)
