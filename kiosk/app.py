@@ -62,7 +62,7 @@ def guard_settings(config: EdgeConfig) -> GuardSettings:
         max_pin_failures=k.max_pin_failures, lockout_minutes=k.lockout_minutes,
         throttle_after_failures=k.throttle_after_failures, throttle_window_s=k.throttle_window_s,
         throttle_max_delay_s=k.throttle_max_delay_s, throttle_node_failures=k.throttle_node_failures,
-        print_limit=k.print_limit,
+        print_limit=k.print_limit, print_preliminary=k.print_preliminary,
         report_estimate_hours=k.report_estimate_hours,
     )
 

@@ -34,6 +34,7 @@ class KioskSection(Section):
     throttle_max_delay_s: float = Field(default=60.0, gt=0, le=3600)
     throttle_node_failures: int = Field(default=30, ge=1, le=10000)
     print_limit: int = Field(default=2, ge=1, le=100)
+    print_preliminary: bool = False  # sync.reports.current_report(..., print_preliminary=)
     report_estimate_hours: float = Field(default=24.0, gt=0, le=720)
     viewer_url_template: str = f"https://{EXAMPLE_FILM_HOST}/film/{{token}}"
     token_days: int = Field(default=30, ge=1, le=3650)

@@ -25,7 +25,7 @@ from edge.store.models import Study, utcnow
 from edge.store.rows import row
 from kiosk.const import CODE_DIGITS, COUNTED_PRINTS, FAILED_LOOKUPS, PIN_FAILURES_KEPT_DAYS
 from kiosk.tables import KioskAudit, PinGuard, Ticket
-from sync.reports import ReportView, report_for_study
+from sync.reports import ReportView, current_report
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -55,6 +55,7 @@ class GuardSettings:
     throttle_node_failures: int = 30
     print_limit: int = 2
     report_estimate_hours: float = 24.0
+    print_preliminary: bool = False  # [kiosk] print_preliminary: never, by default, an unverified report
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,9 @@ def look_up(code_text: str, pin: str, client: str, settings: GuardSettings, data
         log.info("kiosk: lookup from %s: expired (ticket %d)", client, ticket.id)
         return Lookup("expired", ticket.id)
     study = _study_for(ticket.accession_number)
-    ready = study is not None and report_for_study(study.study_instance_uid, data_dir) is not None
+    ready = study is not None and current_report(
+        study.study_instance_uid, data_dir, print_preliminary=settings.print_preliminary
+    ) is not None
     outcome = "ready" if ready else "not_ready"
     _finish_lookup(claim, code, outcome)
     log.info("kiosk: lookup from %s: %s (ticket %d)", client, outcome, ticket.id)
@@ -314,7 +317,7 @@ def ticket_report(ticket_id: int, data_dir: Path, settings: GuardSettings) -> Ti
     study = _study_for(ticket.accession_number)
     if study is None:
         return None
-    report = report_for_study(study.study_instance_uid, data_dir)
+    report = current_report(study.study_instance_uid, data_dir, print_preliminary=settings.print_preliminary)
     if report is None:
         return None
     used = _prints_used(ticket.id, report.sop_instance_uid)

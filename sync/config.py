@@ -75,8 +75,10 @@ class SyncSection(Section):
 
 class ReportsSection(Section):
     enabled: bool = True
-    poll_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    poll_interval_s: float = Field(default=15.0, ge=1, le=86400)
     lookback_days: int = Field(default=14, ge=1, le=365)
     min_backoff_s: float = Field(default=60.0, gt=0)
     max_backoff_s: float = Field(default=3600.0, gt=0)
     max_report_mb: int = Field(default=32, ge=1, le=1024)
+    max_url_chars: int = Field(default=6000, ge=200, le=65536)
+    query_timeout_s: float = Field(default=30.0, gt=0, le=3600)

@@ -521,6 +521,61 @@ class DicomWebClient:
         log.debug("study %s: %d report instance(s) in the cloud", study_uid, len(reports))
         return list(reports.values())
 
+    async def find_reports_of_studies(self, study_uids: Sequence[str]) -> list[dict[str, Any]]:
+        """The reader's reports in many cloud studies at once: one QIDO-RS with UID-list matching.
+
+        ``/instances?StudyInstanceUID=uid1,uid2,…&SOPClassUID=<report classes>`` (PS3.18
+        8.3.4.1, PS3.4 C.2.2.2.2). Results are filtered here too (a server may ignore the
+        SOP class list); each keeps its StudyInstanceUID, which the caller must check
+        against what it asked. Keep the list short enough: see :func:`split_uid_list`.
+
+        Raises
+        ------
+        DicomWebError
+            as :meth:`find_instances` (a 400 from a server without list matching too).
+        """
+        if not study_uids:
+            return []
+        params = [
+            ("StudyInstanceUID", ",".join(study_uids)),
+            ("SOPClassUID", ",".join(sorted(REPORT_SOP_CLASSES))),
+            *(("includefield", tag) for tag in (STUDY_INSTANCE_UID, *_REPORT_FIELDS)),
+        ]
+        data = await self._get_json(f"{self.base_url}/instances", params, "QIDO-RS")
+        if data is None:
+            return []
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise DicomWebError("QIDO-RS answer is not a DICOM JSON array", status=200, transient=False)
+        reports = [item for item in data if json_value(item, SOP_INSTANCE_UID) and is_report_instance(item)]
+        log.debug("QIDO-RS reports of %d studies: %d instance(s)", len(study_uids), len(reports))
+        return reports
+
+    async def matches_uid_lists(self, study_uids: Sequence[str]) -> bool:
+        """Whether the server does UID-list matching, asked with studies it is known to hold.
+
+        ``/studies?StudyInstanceUID=a,b`` (``a,a`` for one study) must answer exactly
+        those studies. A 400, an answer with other studies (the list ignored) or none
+        (the list taken as one literal UID) is "no".
+
+        Raises
+        ------
+        DicomWebError
+            when the answer says nothing either way: a transient status or transport failure.
+        """
+        asked = list(dict.fromkeys(study_uids))[:2]
+        if not asked:
+            raise DicomWebError("no study to ask about", status=None, transient=True)
+        listed = asked if len(asked) > 1 else asked * 2
+        params = [("StudyInstanceUID", ",".join(listed)), ("includefield", STUDY_INSTANCE_UID)]
+        try:
+            data = await self._get_json(f"{self.base_url}/studies", params, "QIDO-RS")
+        except DicomWebError as exc:
+            if exc.transient:
+                raise
+            return False
+        got = {str(json_value(item, STUDY_INSTANCE_UID, "")) for item in data or [] if isinstance(item, dict)}
+        return got == set(asked)
+
     # ------------------------------------------------------------------ WADO-RS
 
     async def retrieve_instance(
@@ -593,6 +648,28 @@ class DicomWebClient:
         if data is None:
             raise DicomWebError(f"{what} answer is not JSON: {_short(raw)}", status=200, transient=False)
         return data
+
+
+def split_uid_list(uids: Sequence[str], max_chars: int) -> list[list[str]]:
+    """UIDs in order, cut into lists whose comma-joined text stays within ``max_chars``.
+
+    Keeps each QIDO-RS URL short enough for any proxy or server in the way (many refuse
+    a request line past 8 KiB); one UID longer than the budget still gets its own list.
+    """
+    lists: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for uid in uids:
+        cost = len(uid) + (1 if current else 0)
+        if current and used + cost > max_chars:
+            lists.append(current)
+            current, used = [], 0
+            cost = len(uid)
+        current.append(uid)
+        used += cost
+    if current:
+        lists.append(current)
+    return lists
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str, truncate: bool = False) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -18,7 +17,7 @@ from sync.cloud import CloudSetupError, load_auth_headers, open_session
 from sync.compress import check_codecs
 from sync.dicomweb import DicomWebClient, TokenBucket
 from sync.outbox import release_interrupted
-from sync.reports import ReportPuller, ReportSettings
+from sync.reports import ReportPuller, ReportSettings, check_requested
 from sync.retention import enforce_retention
 from sync.worker import OutboxWorker
 
@@ -44,6 +43,7 @@ class SyncService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._synced = asyncio.Event()
         self._arrived = asyncio.Event()
+        self._report_wake = asyncio.Event()  # woken: a "check now" may be waiting in the database
 
     async def start(self) -> None:
         cfg = self.config
@@ -71,15 +71,16 @@ class SyncService:
                 cfg.data_dir,
                 ReportSettings(
                     lookback_days=cfg.reports.lookback_days,
+                    poll_interval_s=cfg.reports.poll_interval_s,
                     min_backoff_s=cfg.reports.min_backoff_s,
                     max_backoff_s=cfg.reports.max_backoff_s,
+                    max_url_chars=cfg.reports.max_url_chars,
+                    query_timeout_s=cfg.reports.query_timeout_s,
                     max_report_bytes=cfg.reports.max_report_mb * 2**20,
                     max_deflate_ratio=cfg.storage.max_deflate_ratio,
                 ),
             )
-            self._tasks.start(
-                _every(cfg.reports.poll_interval_s, lambda: _pull_reports(puller, client), "report puller"), name="reports"
-            )
+            self._tasks.start(self._reports_loop(puller, client), name="reports")
         self._tasks.start(self._arrivals_loop(), name="arrivals")
         self._tasks.start(self._retention_loop(), name="retention")
         log.info(
@@ -121,12 +122,40 @@ class SyncService:
             except TimeoutError:
                 pass
 
+    async def _reports_loop(self, puller: ReportPuller, client: DicomWebClient) -> None:
+        """A poll every ``[reports] poll_interval_s``, and at once when staff asked "check now".
+
+        A wake (the bell, an instance kept) only costs a database read: the poll starts
+        early only if a check request is waiting.
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.config.reports.poll_interval_s
+        while True:
+            self._report_wake.clear()
+            try:
+                await _pull_reports(puller, client)
+            except Exception:
+                log.exception("sync: report poll failed; trying again in %.0fs", interval)
+            deadline = loop.time() + interval
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    await asyncio.wait_for(self._report_wake.wait(), left)
+                except TimeoutError:
+                    break
+                self._report_wake.clear()
+                try:
+                    if await asyncio.to_thread(check_requested):
+                        break
+                except Exception:
+                    log.exception("sync: could not read report check requests")
+
     def wake(self) -> None:
         """Something new was kept (or STAT, send now): match it, then look at the outbox, now rather than at the next poll."""
         if self._loop is None:
             return
         self._loop.call_soon_threadsafe(self._arrived.set)  # the arrivals pass wakes the worker
         self._loop.call_soon_threadsafe(self._synced.set)  # the disk filled a little: retention looks
+        self._loop.call_soon_threadsafe(self._report_wake.set)  # or staff asked "check for the report now"
 
     async def stop(self) -> None:
         await self._tasks.stop()
@@ -144,15 +173,3 @@ async def _pull_reports(puller: ReportPuller, client: DicomWebClient) -> None:
 
 class SyncSetupError(ServiceSetupError):
     """The sync service cannot start as configured; the message names the key."""
-
-
-async def _every(interval_s: float, job: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run ``job`` now and then every ``interval_s``; a failure is logged, never fatal."""
-    while True:
-        try:
-            await job()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("sync: %s failed; trying again in %.0fs", what, interval_s)
-        await asyncio.sleep(interval_s)

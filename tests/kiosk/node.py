@@ -45,6 +45,7 @@ def seed_study(data_dir: Path, accession: str, report_text: str | None = None, p
                 sop_class_uid="1.2.840.10008.5.1.4.1.1.104.1" if pdf is not None else "1.2.840.10008.5.1.4.1.1.88.11",
                 kind="pdf" if pdf is not None else "sr", text=report_text or "", pdf_path=pdf_rel,
                 dicom_path=f"{study_uid}/{sop_uid}.dcm", content_datetime="20261124101500",
+                reported_at="20261124101500", verification_flag="VERIFIED", completion_flag="COMPLETE",
             )
             Study.update(report_state="ready").where(Study.id == study.id).execute()
     return study_uid

@@ -21,7 +21,7 @@ from pydicom import dcmread
 
 from edge.store.models import Study, utcnow
 from sync.reports import ReportPuller, ReportSettings
-from sync.tables import ReportPoll
+from sync.tables import ReportRetry
 from tests.conftest import EdgeNode
 from tests.dicom_factory import DX_STORAGE, make_dx
 from tests.edge.helpers import query, raw_store
@@ -137,9 +137,10 @@ def test_a_report_answer_far_too_large_is_refused_unread_and_asked_for_again_lat
     assert streamed and streamed[0] < 256 * MiB  # the node stopped reading long before 2 GB
     study = Study.get(Study.study_instance_uid == study_uid)
     assert study.report_state == "none"
-    row = ReportPoll.get(ReportPoll.study == study.id)
-    assert "over 4 MB ([reports] max_report_mb): not kept" in row.last_error
-    assert row.next_poll_at > utcnow() + dt.timedelta(minutes=30)  # asked again later, not in a loop
+    row = ReportRetry.get(ReportRetry.study == study.id)
+    assert row.sop_instance_uid == report.SOPInstanceUID
+    assert "over 4 MB ([reports] max_report_mb): not kept" in row.reason
+    assert row.next_try_at > utcnow() + dt.timedelta(minutes=30)  # asked again later, not in a loop
     assert list((data_dir / "reports").rglob("*")) in ([], [data_dir / "reports" / study_uid])  # nothing half-kept
 
 
