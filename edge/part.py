@@ -96,9 +96,9 @@ class ServiceFactory:
     build: Callable[[NodeContext], Service]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Part:
-    """One package of the node, declared once in its ``part.py``."""
+    """One package of the node, declared once in its ``part.py`` (the same part is the same object)."""
 
     name: str
     after: tuple[str, ...] = ()

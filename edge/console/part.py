@@ -35,7 +35,8 @@ PART = Part(
     name="console",
     after=("store", "orders", "dicom", "sync"),
     sections={"console": ConsoleSection},
-    schema=Schema(tables.SCHEMA_PACKAGE, tuple(tables.CONSOLE_TABLES), tables.MIGRATIONS),
+    schema=Schema(tables.SCHEMA_PACKAGE, (*tables.CONSOLE_TABLES, tables.LoginDelay, tables.LoginAddressDelay),
+                  tables.MIGRATIONS),
     add_commands=add_commands,
     services=(ServiceFactory("console", build_console),),
 )
