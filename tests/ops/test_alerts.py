@@ -23,7 +23,7 @@ FLEET_METRICS = {
     "edge_studies", "edge_instances", "edge_instances_bytes", "edge_instance_files_missing", "edge_outbox_instances",
     "edge_outbox_depth", "edge_outbox_oldest_age_seconds", "edge_disk_free_bytes",
     "edge_outbox_last_upload_timestamp_seconds", "edge_health_check_ok", "edge_healthy", "edge_service_up",
-    # The bridge's (firmware_bridge.metrics, through add_fleet_collector).
+    # The bridge's (firmware_bridge.metrics, declared in its Part's fleet_collectors).
     "edge_ecg_boxes_connected", "edge_ecg_box_battery_percent", "edge_ecg_box_lead_off", "edge_ecg_recordings",
 }
 _METRIC = re.compile(r"\b((?:edge|push)_[a-z_]+)\b")
