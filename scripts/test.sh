@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the tests talk to (see README: "What the tests run against").
-DEBIAN_PACKAGES=(dcmtk orthanc orthanc-dicomweb socat iproute2 prometheus prometheus-pushgateway systemd openssl
+DEBIAN_PACKAGES=(dcmtk orthanc orthanc-dicomweb orthanc-python python3-cryptography socat iproute2 prometheus prometheus-pushgateway systemd openssl
   chromium cups printer-driver-cups-pdf poppler-utils zbar-tools fonts-dejavu-core)
 
 missing=()

@@ -94,7 +94,7 @@ def test_token_names_node_key_study_and_expiry_and_only_the_nodes_public_key_ver
 
 def test_qr_on_the_printed_a4_page_decodes_with_zbarimg_and_is_at_most_version_10_m(tmp_path: Path) -> None:
     url = viewer_url(TEMPLATE, LONG_UID, make_token(Ed25519PrivateKey.generate(), LONG_UID, NODE, 30))
-    assert make_qr(url).version <= 10 and make_qr(url).error == "M"
+    assert int(make_qr(url).version) <= 10 and make_qr(url).error == "M"
     report = ReportView(LONG_UID, "1.2.3.4", "sr", "Finding: Normal chest.", None, tmp_path / "r.dcm",
                         "COMPLETE", "VERIFIED", "20261124101500", dt.datetime(2026, 11, 24))
     page = ReportPage("Ikhaya Clinic", "Zanele Mthembu", "Chest X-ray", "20261123", report, url,
@@ -115,7 +115,7 @@ def test_qr_on_the_80mm_receipt_decodes_with_zbarimg_from_a_150_dpi_rendering(tm
     data = render_receipt(page, load_catalog("en"))
     assert escpos_qr_payloads(data) == [url] and b"\x1d(k\x03\x001E1" in data  # level M
     qr = segno.make_qr(url, error="m", boost_error=False)
-    assert qr.version <= 10
+    assert int(qr.version) <= 10
     module = 6 / 203 * 72  # points: the printer's module size
     size = (len(list(qr.matrix)) + 8) * module
     pdf = tmp_path / "receipt.pdf"
