@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from edge.orders.tables import Order, StudyMatch, Visit, audit
+from edge.orders.tables import Order, StudyMatch, audit
 from edge.store.db import write_transaction
 from edge.store.models import Study
+from edge.store.rows import rows
 from firmware_bridge.boxes import arm_box
 from kiosk.tickets import allow_reprint
 from sync import outbox
@@ -35,8 +36,8 @@ def _order(order_id: int) -> Order:
 
 def _study_uids(order_id: int) -> list[str]:
     """The studies matched or assigned to the order."""
-    return [uid for (uid,) in Study.select(Study.study_instance_uid).join(StudyMatch, on=(StudyMatch.study == Study.id))
-            .where(StudyMatch.order == order_id).tuples()]
+    matched = Study.select(Study.study_instance_uid).join(StudyMatch, on=(StudyMatch.study == Study.id))
+    return [uid for (uid,) in rows(matched.where(StudyMatch.order == order_id), tuple[str])]
 
 
 def mark_stat(order_id: int, by: str, client: str = "") -> int:
@@ -89,7 +90,7 @@ def reprint(order_id: int, by: str, client: str = "") -> None:
 def arm(box_id: str, order_id: int, by: str, client: str = "") -> None:
     """The box's next recording belongs to this visit's ECG order."""
     order = _order(order_id)
-    visit = Visit.get_by_id(order.visit_id)
+    visit = order.visit  # one query, as get_by_id was
     arm_box(box_id, visit.patient_id, visit.patient_name, order.accession_number)
     with write_transaction():
         audit(by, "arm_box", order, f"box {box_id}", client)
