@@ -259,17 +259,17 @@ def raise_stat_arrivals() -> int:
     Run by the sync service each time something is kept (``sync.arrivals``), after matching,
     so a late image of a STAT visit is raised before a slot looks for its next batch.
     """
-    rows = [
-        oid for (oid,) in Outbox.select(Outbox.id).join(Instance)
+    late = (
+        Outbox.select(Outbox.id).join(Instance)
         .join(StudyMatch, on=(StudyMatch.study == Instance.study)).join(Order)
         .where(Order.stat == True, Outbox.state.in_(RETRYABLE_STATES), Outbox.priority > PRIORITY_STAT)  # noqa: E712
-        .tuples()
-    ]
-    if rows:
+    )
+    raised = [oid for (oid,) in rows(late, tuple[int])]
+    if raised:
         with write_transaction():
             Outbox.update(priority=PRIORITY_STAT).where(
-                Outbox.id.in_(rows), Outbox.state.in_(RETRYABLE_STATES)).execute()
-    return len(rows)
+                Outbox.id.in_(raised), Outbox.state.in_(RETRYABLE_STATES)).execute()
+    return len(raised)
 
 
 # ---------------------------------------------------------------------- typed reads
@@ -277,14 +277,14 @@ def raise_stat_arrivals() -> int:
 
 def state_of_study(study_uid: str) -> SyncState | None:
     """The study's sync state (its worst instance's, as ``edge studies`` shows it); None when not on this node."""
-    states = {SyncState(state) for (state,) in Outbox.select(Outbox.state).join(Instance).join(Study)
-              .where(Study.study_instance_uid == study_uid).distinct().tuples()}
+    of_study = Outbox.select(Outbox.state).join(Instance).join(Study).where(Study.study_instance_uid == study_uid)
+    states = {SyncState(state) for (state,) in rows(of_study.distinct(), tuple[str])}
     return study_sync_state(states) if states else None
 
 
 def counts_by_state() -> dict[SyncState, int]:
     """Outbox rows in each state, every state present (0 when none)."""
     counts = {state: 0 for state in SyncState}
-    for state, count in Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state).tuples():
+    for state, count in rows(Outbox.select(Outbox.state, fn.COUNT(Outbox.id)).group_by(Outbox.state), tuple[str, int]):
         counts[SyncState(state)] = int(count)
     return counts

@@ -145,7 +145,9 @@ async def check_heartbeat(config: EdgeConfig) -> Item:
 async def run_doctor(config: EdgeConfig, config_path: str, parts: Sequence[Part] | None = None) -> list[Item]:
     """The node's own items first (config, disk, clock, ports), then each part's, in start order."""
     if parts is None:
-        from edge.node.parts import PARTS_IN_ORDER as parts
+        from edge.node.parts import PARTS_IN_ORDER
+
+        parts = PARTS_IN_ORDER
     node_checks: list[Callable[[], Item]] = [
         lambda: check_config(config, config_path), lambda: check_disk(config), lambda: check_encryption(config),
         check_clock, lambda: check_services(config),
