@@ -192,3 +192,14 @@ def test_doctor_warns_while_the_link_points_at_the_example_host(tmp_path: Path) 
     assert item.verdict == "fail" and "version" in item.detail
     doctor = edge_cli(config_path, "doctor", check=False)
     assert "FAIL  film link   QR would be version" in doctor.stdout, doctor.stderr
+
+
+def test_the_worked_example_in_token_md_reproduces_byte_for_byte() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "kiosk/TOKEN.md").read_text()
+    documented = doc.split("\ntoken       ", 1)[1].split()[0]
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    uid = "1.2.840.113619.2.55.3.604688119.971.1795435200.1"
+    assert make_token(key, uid, NODE, 30, now=1795435200) == documented
+    assert f"key id {key_id(key.public_key())}" in doc
+    claims = cloud_verify(documented, keys_of(key), uid, now=1795435200 + 86400)
+    assert (claims.issued_at, claims.expires_at) == (1795435200, 1795435200 + 30 * 86400)
