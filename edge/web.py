@@ -9,6 +9,7 @@ remembers to call escape.
 from __future__ import annotations
 
 import hmac
+import html
 import ipaddress
 import re
 import secrets
@@ -21,6 +22,7 @@ import jinja2
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware  # aiohttp's own: app.middlewares holds its Middleware protocol
 from jinja2.ext import Extension
+from markupsafe import Markup
 
 # One policy for both apps, the stricter of what each sent: nothing from elsewhere (no inline
 # script, no data: images), forms post only here, and no other site may frame a page.
@@ -51,6 +53,14 @@ class OneLine(Extension):
         return self._BREAK.sub("", source)
 
 
+def escape_value(value: object) -> object:
+    """Every ``{{ value }}`` escaped as ``html.escape`` does (``&quot;``, ``&#x27;``), the spelling the
+    pages always had; markup a template or macro made (``__html__``) passes as it is."""
+    if hasattr(value, "__html__"):
+        return value
+    return Markup(html.escape(str(value), quote=True))
+
+
 def setup_templates(app: web.Application, directory: Path, **globals_: Any) -> jinja2.Environment:
     """Jinja2 for ``app`` from ``directory``: autoescape for .html, a missing value is an error, not ""."""
     env = aiohttp_jinja2.setup(
@@ -59,6 +69,7 @@ def setup_templates(app: web.Application, directory: Path, **globals_: Any) -> j
         autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
         undefined=jinja2.StrictUndefined,
         extensions=[OneLine],
+        finalize=escape_value,
         default_helpers=False,
     )
     env.globals.update(globals_)

@@ -11,7 +11,7 @@ import asyncio
 import io
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pypdf import PdfReader
 
+from edge import web as shared
 from edge.http_server import HttpLimits, HttpListener, serve_app
 from edge.service import BackgroundTasks, ServiceSetupError
 from kiosk import metrics, pages
@@ -36,9 +37,9 @@ if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
     from edge.node.config import EdgeConfig
 
 log = logging.getLogger(__name__)
-log.addHandler(logging.NullHandler())
 
 STATIC_DIR = Path(__file__).with_name("static")
+TEMPLATE_DIR = Path(__file__).with_name("templates")
 
 
 @dataclass
@@ -104,23 +105,27 @@ def _frame(request: web.Request, session: KioskSession | None) -> pages.Frame:
     return pages.Frame(load_catalog(language), ctx.config.node.name, ctx.config.kiosk.idle_timeout_s)
 
 
-def _html(text: str, refresh: float | None = None) -> web.Response:
-    response = web.Response(text=text, content_type="text/html", charset="utf-8")
+def _page(request: web.Request, frame: pages.Frame, template: str, page: str, title: str, home: bool = True,
+          refresh: float | None = None, **context: object) -> web.Response:
+    """A screen from ``template`` in the frame's language; ``refresh``: reload after that many seconds."""
+    response = shared.render(template, request, **frame.context(page, title, home), **context)
     if refresh is not None:
         response.headers["Refresh"] = str(refresh)
     return response
+
+
+def _message(request: web.Request, frame: pages.Frame, page: str, title: str, text: str,
+             pictogram: str = "warning", good: bool = False) -> web.Response:
+    return _page(request, frame, "message.html", page, title, text=text, pictogram=pictogram, good=good)
 
 
 def _to(path: str) -> web.HTTPSeeOther:
     return web.HTTPSeeOther(path)
 
 
-def _client(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+_client = shared.client_address
+Handler = shared.Handler
+Middleware = shared.Middleware
 NOT_THIS_SCREEN = "403: this kiosk answers only its own screen.\n"
 
 
@@ -135,12 +140,7 @@ def screen_only(allowed_clients: Sequence[str]) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         remote = request.remote or ""
-        try:
-            address = ipaddress.ip_address(remote)
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        address = shared.client_ip(request)
         if address is None or not any(address in network for network in networks):
             log.warning("kiosk: refused %s %r from %s: not in [kiosk] allowed_clients",
                         request.method, request.path[:64], remote[:64] or "unknown")
@@ -150,26 +150,15 @@ def screen_only(allowed_clients: Sequence[str]) -> Middleware:
     return middleware
 
 
-@web.middleware
-async def private_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """No page is cached (Back must not show the last patient), framed, or referred elsewhere."""
-    response = await handler(request)
-    if not request.path.startswith("/static/"):
-        response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:; form-action 'self'"
-    return response
-
-
 # ---------------------------------------------------------------------- screens
 
 
 async def start(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
     ctx.sessions.drop(request.cookies.get(COOKIE))
-    response = _html(pages.languages_page(_frame(request, None), ctx.config.kiosk.languages))
+    frame = _frame(request, None)
+    response = _page(request, frame, "languages.html", "language", frame.t("welcome"), home=False,
+                     choices=pages.language_choices(ctx.config.kiosk.languages))
     response.del_cookie(COOKIE)
     return response
 
@@ -200,7 +189,8 @@ async def code_screen(request: web.Request) -> web.StreamResponse:
         raise _to("/")
     message, session.message = session.message, ""
     session.code, session.ticket_id = "", None
-    return _html(pages.code_page(_frame(request, session), message))
+    frame = _frame(request, session)
+    return _page(request, frame, "code.html", "code", frame.t("scan_title"), message=message)
 
 
 async def code_entered(request: web.Request) -> web.StreamResponse:
@@ -225,7 +215,9 @@ async def pin_screen(request: web.Request) -> web.StreamResponse:
     if not session.code:
         raise _to("/code")
     message, session.message = session.message, ""
-    return _html(pages.pin_page(_frame(request, session), _ctx(request).config.kiosk.pin_digits, message))
+    frame = _frame(request, session)
+    return _page(request, frame, "pin.html", "pin", frame.t("pin_title"), digits=_ctx(request).config.kiosk.pin_digits,
+                 message=message)
 
 
 async def pin_entered(request: web.Request) -> web.StreamResponse:
@@ -275,14 +267,16 @@ async def message_screen(request: web.Request) -> web.StreamResponse:
         raise _to("/")
     frame = _frame(request, session)
     message, session.message = session.message, ""
-    return _html(pages.message_page(frame, "message", frame.t("ask_reception"), message))
+    return _message(request, frame, "message", frame.t("ask_reception"), message)
 
 
 async def not_ready_screen(request: web.Request) -> web.StreamResponse:
     session = _session(request)
     if session is None or session.estimate_hours is None:
         raise _to("/")
-    return _html(pages.not_ready_page(_frame(request, session), session.estimate_hours))
+    frame = _frame(request, session)
+    return _message(request, frame, "not-ready", frame.t("not_ready_title"),
+                    pages.not_ready_text(frame.t, session.estimate_hours), "clock")
 
 
 def _pdf_pages(path: Path | None) -> int:
@@ -304,11 +298,13 @@ async def report_screen(request: web.Request) -> web.StreamResponse:
         raise _to("/reset")
     pdf_pages = await asyncio.to_thread(_pdf_pages, report.report.pdf_path) if report.report.kind == "pdf" else 0
     ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
-    return _html(pages.report_page(
-        _frame(request, session), report.patient_name, report.exam, readable_date(report.study_date),
-        report.report.text if report.report.kind == "sr" else "", pdf_pages, report.prints_left,
-        ctx.printer_state not in ("offline", "paper_out"),
-    ))
+    frame = _frame(request, session)
+    return _page(
+        request, frame, "report.html", "report", frame.t("report_ready"), patient_name=report.patient_name,
+        exam=report.exam, date=readable_date(report.study_date),
+        report_text=report.report.text if report.report.kind == "sr" else "", pdf_pages=pdf_pages,
+        prints_left=report.prints_left, printer_ok=ctx.printer_state not in ("offline", "paper_out"),
+    )
 
 
 async def print_pressed(request: web.Request) -> web.StreamResponse:
@@ -339,7 +335,7 @@ async def printing_screen(request: web.Request) -> web.StreamResponse:
     frame = _frame(request, session)
     state = await asyncio.to_thread(ctx.printer.job_state, session.job)
     if state == "pending":
-        return _html(pages.printing_page(frame), refresh=1)
+        return _page(request, frame, "printing.html", "printing", frame.t("printing"), refresh=1)
     if state == "held":
         if session.audit_id is not None:
             await asyncio.to_thread(finish_print, session.audit_id, "failed", session.job, "job held by the printer")
@@ -347,9 +343,9 @@ async def printing_screen(request: web.Request) -> web.StreamResponse:
             log.warning("kiosk: job %s held by the printer", session.job)
         session.job = ""
         ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
-        return _html(pages.message_page(frame, "printer-problem", frame.t("ask_reception"), frame.t("printer_problem")))
+        return _message(request, frame, "printer-problem", frame.t("ask_reception"), frame.t("printer_problem"))
     session.job = ""
-    return _html(pages.message_page(frame, "printed", frame.t("printed"), frame.t("printed"), "check", good=True))
+    return _message(request, frame, "printed", frame.t("printed"), frame.t("printed"), "check", good=True)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -383,8 +379,9 @@ async def _watch_printer(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(config: EdgeConfig, context: KioskContext | None = None) -> web.Application:
-    app = web.Application(middlewares=[private_pages, screen_only(config.kiosk.allowed_clients)],
+    app = web.Application(middlewares=[shared.security_headers(), screen_only(config.kiosk.allowed_clients)],
                           client_max_size=64 * 1024)
+    shared.setup_templates(app, TEMPLATE_DIR, **pages.TEMPLATE_GLOBALS)
     app[KIOSK] = context or make_context(config)
     app.cleanup_ctx.append(_watch_printer)
     app.router.add_get("/", start)

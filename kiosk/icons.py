@@ -1,6 +1,12 @@
-"""Pictograms shown beside the words (inline SVG, so the kiosk needs nothing from outside)."""
+"""Pictograms shown beside the words (inline SVG, so the kiosk needs nothing from outside).
+
+The ``icon`` macro in ``templates/_macros.html`` wraps these paths; they are fixed markup,
+never a value from outside, so they are marked safe here once.
+"""
 
 from __future__ import annotations
+
+from markupsafe import Markup
 
 _PATHS = {
     "globe": '<circle cx="12" cy="12" r="9"/><path d="M3 12h18M12 3c3 3.5 3 14.5 0 18M12 3c-3 3.5-3 14.5 0 18"/>',
@@ -16,11 +22,4 @@ _PATHS = {
     "back": '<path d="M21 6H9l-6 6 6 6h12z"/><path d="M12 10l4 4M16 10l-4 4"/>',
     "next": '<path d="M5 12h14M13 6l6 6-6 6"/>',
 }
-
-
-def icon(name: str, size: int = 48) -> str:
-    """An inline SVG pictogram, hidden from screen readers (the words carry the meaning)."""
-    return (
-        f'<svg class="icon" aria-hidden="true" width="{size}" height="{size}" viewBox="0 0 24 24" fill="none" '
-        f'stroke="currentColor" stroke-width="2" stroke-linecap="round" stroke-linejoin="round">{_PATHS[name]}</svg>'
-    )
+ICON_PATHS: dict[str, Markup] = {name: Markup(path) for name, path in _PATHS.items()}
