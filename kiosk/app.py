@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -106,7 +106,7 @@ def _frame(request: web.Request, session: KioskSession | None) -> pages.Frame:
 
 
 def _page(request: web.Request, frame: pages.Frame, template: str, page: str, title: str, home: bool = True,
-          refresh: float | None = None, **context: object) -> web.Response:
+          refresh: float | None = None, **context: Any) -> web.Response:  # template values, as render takes them
     """A screen from ``template`` in the frame's language; ``refresh``: reload after that many seconds."""
     response = shared.render(template, request, **frame.context(page, title, home), **context)
     if refresh is not None:
