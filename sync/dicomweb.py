@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from edge.store.spool import fsync_dir
+from edge.files import publish
 
 log = logging.getLogger(__name__)
 
@@ -620,7 +620,7 @@ class DicomWebClient:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        await asyncio.to_thread(_publish, tmp, dest)
+        await asyncio.to_thread(publish, tmp, dest)
         log.info("WADO-RS instance %s of study %s: %d bytes", sop_uid, study_uid, written)
         return dest
 
@@ -815,9 +815,3 @@ def _too_big(limit: int) -> DicomWebError:
 def _flush_and_sync(handle: BinaryIO) -> None:
     handle.flush()
     os.fsync(handle.fileno())
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    """Rename into place and fsync the directory, so the file survives a power cut."""
-    os.replace(tmp, dest)
-    fsync_dir(dest.parent)

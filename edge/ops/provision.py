@@ -22,7 +22,6 @@ import base64
 import ipaddress
 import os
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import tomlkit
 from tomlkit.items import Table
 
 from edge.config import ConfigError
+from edge.files import write_durably
 from edge.node.config import EdgeConfig, parse_config
 
 PROVISION_FILE_NAME = "edge-provision.toml"
@@ -107,26 +107,12 @@ def read_provision_file(path: Path) -> Provisioning:
 
 
 def atomic_write(path: Path, text: str, mode: int, owner_of: Path | None = None) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        if owner_of is not None and os.geteuid() == 0:
-            st = owner_of.stat()
-            os.fchown(fd, st.st_uid, st.st_gid)  # the node's user must read its own secrets
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``text`` written durably (edge.files) with ``mode``; as root, owned like ``owner_of`` (the node's user)."""
+    owner = None
+    if owner_of is not None and os.geteuid() == 0:
+        st = owner_of.stat()
+        owner = (st.st_uid, st.st_gid)  # the node's user must read its own secrets
+    write_durably(path, text.encode("utf-8"), mode=mode, owner=owner)
 
 
 def apply(config_path: Path, prov: Provisioning) -> list[str]:

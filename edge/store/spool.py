@@ -11,7 +11,6 @@ import errno
 import hashlib
 import logging
 import os
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 from peewee import DatabaseError
 from pydicom.datadict import tag_for_keyword
 
+from edge.dicom_uid import is_uid
+from edge.files import fsync_dir, publish
 from edge.store.const import ECG_SOP_CLASSES, PRIORITY_ECG, PRIORITY_ROUTINE, SPOOL_DIR, TMP_DIR, SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Series, Study, log_event, utcnow
@@ -27,7 +28,6 @@ from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
 
 log = logging.getLogger(__name__)
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _HEADER_TAGS = [
     "SOPClassUID",
     "SOPInstanceUID",
@@ -121,7 +121,7 @@ def read_header(path: Path, limits: DecodeLimits | None = None) -> InstanceHeade
         uid = values[name]
         if not uid:
             raise RejectedInstance(0xA900, f"dataset has no {name}")
-        if len(uid) > 64 or not _UID.match(uid):
+        if not is_uid(uid):
             raise RejectedInstance(0xA900, f"{name} is not a valid UID: {uid[:70]!r}")
     return InstanceHeader(
         sop_class_uid=values["SOPClassUID"],
@@ -164,15 +164,6 @@ def _sha256_and_fsync(path: Path) -> tuple[str, int]:
         except (AttributeError, OSError):
             pass
     return digest.hexdigest(), size
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def outbox_priority(sop_class_uid: str) -> int:
@@ -258,8 +249,7 @@ def _move_into_place(spool: Spool, received: Path, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     if new_dir:
         fsync_dir(spool.root)
-    os.replace(received, final)
-    fsync_dir(final.parent)
+    publish(received, final)
 
 
 def _insert_rows(
