@@ -25,7 +25,6 @@ from kiosk.receipt import render_receipt
 from kiosk.report_pdf import ReportPage, render_report_pdf
 
 log = logging.getLogger(__name__)
-log.addHandler(logging.NullHandler())
 
 JOB_TITLE = "clinic-report"  # CUPS logs job titles: never a patient's name
 _REQUEST_ID = re.compile(r"request id is (\S+)")

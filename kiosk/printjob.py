@@ -19,7 +19,6 @@ from kiosk.tickets import GuardSettings, TicketReport, finish_print, reserve_pri
 from kiosk.viewer_token import make_token, viewer_url
 
 log = logging.getLogger(__name__)
-log.addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)

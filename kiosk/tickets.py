@@ -28,7 +28,6 @@ from kiosk.tables import KioskAudit, PinGuard, Ticket
 from sync.reports import ReportView, current_report
 
 log = logging.getLogger(__name__)
-log.addHandler(logging.NullHandler())
 
 # scrypt cost: ~16 MiB and ~50 ms per check on the box; a stolen database costs an
 # attacker that much per guess, and the PIN space is small, so lockout does the real work.

@@ -168,9 +168,9 @@ def _end_broken(assoc: Association, slot: Slot, slots: SlotTable, exc: Exception
                 else "aborted the association from %s%s")
         ae_title = f" ({slot.ae_title})" if slot.ae_title else ""
         if isinstance(exc, AssemblyLimitPassed):  # the node's own limit, not pynetdicom's surprise
-            log.warning("dicom: " + what + ": %s", slot.peer, ae_title, exc)
+            log.warning(what + ": %s", slot.peer, ae_title, exc)
         else:
-            log.warning("dicom: " + what + ": pynetdicom's %s thread could not go on with what it sent (%s)",
+            log.warning(what + ": pynetdicom's %s thread could not go on with what it sent (%s)",
                         slot.peer, ae_title, thread, short_exception(exc))
     assoc_sock = dul.socket
     raw = cast(socket.socket | None, getattr(assoc_sock, "socket", None))

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from edge.config.sections import DicomSection
 
 log = logging.getLogger(__name__)
-log.addHandler(logging.NullHandler())
 
 RESOLVE_EVERY_S = 60.0  # a host name that resolved is looked up again after this long
 RETRY_FAILED_S = 5.0  # one that did not is tried again this soon: the DR is not locked out for a minute
@@ -61,7 +60,7 @@ def _addresses(host: str) -> frozenset[str]:
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError as exc:
-        log.warning("dicom: cannot resolve modality host %s: %s", host, exc)
+        log.warning("cannot resolve modality host %s: %s", host, exc)
         return frozenset()
     return frozenset(str(ipaddress.ip_address(info[4][0])) for info in infos)
 

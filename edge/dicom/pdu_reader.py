@@ -147,7 +147,7 @@ class PduReader:
         cut_short.active = True
         if not already:
             limit = self.max_pdata_bytes if pdu_type == 0x04 else OTHER_PDU_MAX_BYTES
-            log.warning("dicom: %s the connection from %s%s: a PDU (type 0x%02X) of %d bytes, longer than the %d "
+            log.warning("%s the connection from %s%s: a PDU (type 0x%02X) of %d bytes, longer than the %d "
                         "the node accepts (max_pdu_bytes)", "refused" if self._first else "aborted",
                         self.slot.peer, f" ({self.slot.ae_title})" if self.slot.ae_title else "", pdu_type, length,
                         limit)
@@ -167,7 +167,7 @@ class PduReader:
         self.slot.timed_out = True
         what = (f"its association request did not arrive within {self.first_pdu_s:.0f} s of connecting"
                 if self._first else f"a PDU did not arrive whole within {self.pdu_s:.0f} s")
-        log.warning("dicom: closed the connection from %s%s: %s (%d of %d bytes of this read)",
+        log.warning("closed the connection from %s%s: %s (%d of %d bytes of this read)",
                     self.slot.peer, f" ({self.slot.ae_title})" if self.slot.ae_title else "", what, nr_read, nr_bytes)
 
 

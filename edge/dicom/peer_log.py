@@ -125,7 +125,7 @@ def serve_connection(slot: Slot) -> None:
 def say_left_out() -> None:
     left_out = getattr(_thread_slot, "left_out", 0)
     if left_out:
-        log.warning("dicom: %d more line(s) from pynetdicom about the connection from %s left out of the log",
+        log.warning("%d more line(s) from pynetdicom about the connection from %s left out of the log",
                     left_out, _thread_peer())
     _thread_slot.slot = None
 

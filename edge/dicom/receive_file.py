@@ -75,7 +75,7 @@ class SpaceAwareTempFile:
                 os.ftruncate(self._file.fileno(), 0)  # give back what this transfer took
             except OSError:
                 pass
-            log.error("dicom: disk full while receiving into %s: the rest of the dataset is discarded", os.path.basename(self.name))
+            log.error("disk full while receiving into %s: the rest of the dataset is discarded", os.path.basename(self.name))
 
     def _passed_max_bytes(self) -> None:
         self.too_large = True

@@ -165,7 +165,7 @@ class DicomService:
         self._stopping.clear()
         self._write_availability()
         threading.Thread(target=self._keep_availability_written, name="dicom-availability", daemon=True).start()
-        log.info("dicom: %s listening on %s:%d", cfg.ae_title, cfg.bind_address, cfg.port)
+        log.info("%s listening on %s:%d", cfg.ae_title, cfg.bind_address, cfg.port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -174,7 +174,7 @@ class DicomService:
             await asyncio.to_thread(self._server.shutdown)
             self._server = None
             availability.remove(self.config.data_dir)
-            log.info("dicom: stopped")
+            log.info("stopped")
 
     def _keep_availability_written(self) -> None:
         """Rewrite the availability file every WRITE_EVERY_S and soon after any slot changes hands."""
@@ -199,7 +199,7 @@ class DicomService:
             availability.write(self.config.data_dir, state)
         except OSError as exc:
             if not getattr(self, "_availability_failed", False):
-                log.error("dicom: cannot write %s: %s (health checks will say DICOM is down)",
+                log.error("cannot write %s: %s (health checks will say DICOM is down)",
                           availability.state_path(self.config.data_dir), exc)
             self._availability_failed = True
         else:
@@ -230,13 +230,13 @@ class DicomService:
         assoc = event.assoc
         rejected = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
         log.info(
-            "dicom: association from %s (%s) accepted%s",
+            "association from %s (%s) accepted%s",
             _calling(event),
             assoc.requestor.address,
             f"; {len(rejected)} proposed SOP class(es) not storable here" if rejected else "",
         )
         if rejected:
-            log.debug("dicom: SOP classes refused for %s: %s", _calling(event), " ".join(rejected))
+            log.debug("SOP classes refused for %s: %s", _calling(event), " ".join(rejected))
 
     def _on_ending(self, event: Event) -> None:
         """Released, aborted or rejected: the DR's next association must not wait for this thread to end."""
@@ -250,7 +250,7 @@ class DicomService:
         answer = event.assoc.acceptor.primitive
         too_many = answer is not None and answer.result_source == 0x03
         log.warning(
-            "dicom: association from %s (%s) to %s rejected: %s",
+            "association from %s (%s) to %s rejected: %s",
             _calling(event),
             event.assoc.requestor.address,
             str(event.assoc.acceptor.ae_title).strip(),
@@ -266,10 +266,10 @@ class DicomService:
             if slot is not None:
                 slot.timed_out = True
             peer = slot.peer if slot is not None else str(event.assoc.requestor.address)
-            log.warning("dicom: closed the connection from %s (%s): no complete PDU for %.0f s (network_timeout_s)",
+            log.warning("closed the connection from %s (%s): no complete PDU for %.0f s (network_timeout_s)",
                         peer, _calling(event), self.config.dicom.network_timeout_s)
             return
-        log.warning("dicom: association from %s (%s) aborted", _calling(event), event.assoc.requestor.address)
+        log.warning("association from %s (%s) aborted", _calling(event), event.assoc.requestor.address)
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
@@ -289,25 +289,25 @@ class DicomService:
         if receive_file.ran_out_of_space(event.dataset_path):
             metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
             log.error(
-                "dicom: refused instance %s from %s: the disk filled while it was received",
+                "refused instance %s from %s: the disk filled while it was received",
                 instance_uid, calling,
             )
             return failure_status(STATUS_OUT_OF_RESOURCES, "disk full on the edge node")
         if too_large:
             metrics.CSTORE_RESULTS.labels("rejected").inc()
             reason = DecodeLimits.from_storage(self.config.storage).too_large()
-            log.warning("dicom: refused instance %s from %s: %s, dropped while it was received (status 0x%04X)",
+            log.warning("refused instance %s from %s: %s, dropped while it was received (status 0x%04X)",
                         instance_uid, calling, reason, STATUS_OUT_OF_RESOURCES)
             return failure_status(STATUS_OUT_OF_RESOURCES, reason)
         if self.spool.free_mb() < self.config.storage.min_free_mb and self.make_room is not None:
             try:
                 self.make_room()
             except Exception:
-                log.exception("dicom: could not free disk space")
+                log.exception("could not free disk space")
         if self.spool.free_mb() < self.config.storage.min_free_mb:
             metrics.CSTORE_RESULTS.labels("out_of_resources").inc()
             log.error(
-                "dicom: refused instance %s from %s: disk almost full (%.0f MB free, minimum %d MB)",
+                "refused instance %s from %s: disk almost full (%.0f MB free, minimum %d MB)",
                 instance_uid,
                 calling,
                 self.spool.free_mb(),
@@ -321,7 +321,7 @@ class DicomService:
         except RejectedInstance as exc:
             metrics.CSTORE_RESULTS.labels("rejected").inc()
             log.warning(
-                "dicom: refused instance %s from %s: %s (status 0x%04X)",
+                "refused instance %s from %s: %s (status 0x%04X)",
                 instance_uid,
                 calling,
                 exc.reason,
@@ -330,7 +330,7 @@ class DicomService:
             return failure_status(exc.status, exc.reason)
         except Exception:  # a bug must not take the association thread down silently
             metrics.CSTORE_RESULTS.labels("error").inc()
-            log.exception("dicom: failed to keep instance %s from %s", instance_uid, calling)
+            log.exception("failed to keep instance %s from %s", instance_uid, calling)
             return failure_status(STATUS_PROCESSING_FAILURE, "edge node could not keep the instance")
         metrics.CSTORE_RESULTS.labels("duplicate" if kept.duplicate else "kept").inc()
         if not kept.duplicate:
@@ -376,19 +376,19 @@ class DicomService:
                     self._audit_find(calling, address, f"cancelled by the modality after {sent} item(s)")
                 else:
                     comment = str(getattr(status, "ErrorComment", ""))
-                    log.warning("dicom: worklist query from %s (%s) refused (status 0x%04X): %s", calling, address,
+                    log.warning("worklist query from %s (%s) refused (status 0x%04X): %s", calling, address,
                                 code, comment)
                     self._audit_find(calling, address, f"refused (0x{code:04X}): {comment}", refused=True)
                 yield status, identifier
                 return
             sent += 1
             yield status, identifier
-        log.info("dicom: worklist query from %s answered with %d item(s)", calling, sent)
+        log.info("worklist query from %s answered with %d item(s)", calling, sent)
         self._audit_find(calling, address, f"answered {sent} item(s)")
 
     def _refuse_find(self, calling: str, address: str, code: int, comment: str,
                      why: str) -> tuple[Dataset, None]:
-        log.warning("dicom: worklist query from %s (%s) refused (status 0x%04X): %s", calling, address, code, why)
+        log.warning("worklist query from %s (%s) refused (status 0x%04X): %s", calling, address, code, why)
         self._audit_find(calling, address, f"refused (0x{code:04X}): {why}", refused=True)
         return failure_status(code, comment), None
 
@@ -397,5 +397,5 @@ class DicomService:
         try:
             worklist.audit_query(calling, address, outcome, refused=refused)
         except Exception as exc:
-            log.error("dicom: could not audit the worklist query from %s (%s): %s", calling, address, exc)
+            log.error("could not audit the worklist query from %s (%s): %s", calling, address, exc)
 

@@ -185,7 +185,7 @@ class SlotTable:
 
     def _evict(self, victim: Slot, for_address: str) -> None:
         victim.evicted = True
-        log.warning("dicom: closed the connection from %s (idle %.0f s) to make room for the modality at %s",
+        log.warning("closed the connection from %s (idle %.0f s) to make room for the modality at %s",
                     victim.peer, time.monotonic() - victim.last_pdu_at, for_address)
         with contextlib.suppress(OSError):  # its association thread sees the close and gives the slot back
             victim.sock.shutdown(socket.SHUT_RDWR)
@@ -212,5 +212,5 @@ class RefusalLog:
                 return
             quiet, self._quiet, self._last = self._quiet, 0, now
         more = f" ({quiet} more refused in the last {self.every_s:.0f} s)" if quiet else ""
-        log.warning("dicom: refused a connection from %s: %s%s", peer, reason, more)
+        log.warning("refused a connection from %s: %s%s", peer, reason, more)
 

@@ -37,7 +37,6 @@ from edge.store.models import utcnow
 from edge.store.rows import rows_into
 
 log = logging.getLogger(__name__)
-log.addHandler(logging.NullHandler())
 
 STATUS_PENDING = 0xFF00
 STATUS_BAD_IDENTIFIER = 0xA900
@@ -403,7 +402,7 @@ class RefusedQueries:
                 run.flush_pending = False
                 self._write(run)
         except Exception as exc:  # a full disk: the row keeps its last count, the DR's queries are unaffected
-            log.error("worklist: could not update the refused-query count of %s (%s): %s", key[0], key[1], exc)
+            log.error("could not update the refused-query count of %s (%s): %s", key[0], key[1], exc)
 
     def _write(self, run: _Run) -> None:
         """The run's row, brought up to its count (caller holds the lock)."""

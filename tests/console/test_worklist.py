@@ -57,7 +57,7 @@ def test_registered_patient_is_on_the_worklist_with_what_the_dr_needs(cnode: Edg
     assert step.ScheduledProcedureStepStartDate == TODAY
     assert step.ScheduledProcedureStepID == ds.AccessionNumber
     assert step.ScheduledProcedureStepDescription == "Chest X-ray"
-    assert "dicom: worklist query from DR answered with 1 item(s)" in cnode.log_text()
+    assert "edge.dicom.service: worklist query from DR answered with 1 item(s)" in cnode.log_text()
     assert "Dlamini" not in cnode.log_text() and "Thandi" not in cnode.log_text()  # no patient names in logs
 
 

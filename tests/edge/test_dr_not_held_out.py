@@ -227,7 +227,7 @@ def test_health_and_metrics_requests_cost_the_dr_nothing(node_factory: Any) -> N
     assert [a for a in answers if a[0] != 200] == []
     assert {ok for _, ok in answers[::2]} == {True}  # /healthz said dicom ok every time
     log = node.log_text()[offset:]
-    associations = re.findall(r"dicom: association from (\S+) ", log)
+    associations = re.findall(r"edge.dicom.service: association from (\S+) ", log)
     assert associations and set(associations) == {"DR1"}, set(associations)  # none for the health checks
     assert "refused a connection" not in log
     with urllib.request.urlopen(base + "/metrics", timeout=30) as resp:

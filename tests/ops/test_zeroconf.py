@@ -111,7 +111,7 @@ def test_a_service_that_is_down_is_not_announced(node_factory: Any, monkeypatch:
 
     assert asyncio.run(announced()) == set()
     node.start()
-    node.wait_for_log(f"dicom: {node.ae_title} listening")  # its first report is written just before
+    node.wait_for_log(f"edge.dicom.service: {node.ae_title} listening")  # its first report is written just before
     dialled.clear()  # starting the node waited for its port: only the announcer's own connections count
     assert asyncio.run(announced()) == {"dicom"}
     assert node.port not in dialled, "the announcer connected to the DICOM port"
