@@ -246,3 +246,52 @@ def test_no_other_orthanc_route_opens_with_a_token(cloud: FilmCloud, study: Data
     assert cloud.get("/statistics")["CountInstances"] == 2
     auth = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
     assert fetch(base + "/dicom-web/studies", auth)[0] == 200
+
+
+def test_only_the_newest_verified_report_shows_never_a_preliminary_and_a_hostile_tree_stays_small(
+    cloud: FilmCloud, study: Dataset, node_key: Ed25519PrivateKey, tmp_path: Path,
+) -> None:
+    first = signed_sr(tmp_path / "first.dcm", study, "Provisional reading: see amendment.", when="20261124130000")
+    cloud.upload(tmp_path / "first.dcm")
+    amended = signed_sr(tmp_path / "amended.dcm", study, "AMENDED: small left pleural effusion.", when="20261124123000")
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = first.SOPClassUID, first.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID, series.ReferencedSOPSequence = first.SeriesInstanceUID, DicomSequence([ref])
+    item = Dataset()
+    item.StudyInstanceUID, item.ReferencedSeriesSequence = first.StudyInstanceUID, DicomSequence([series])
+    amended.PredecessorDocumentsSequence = DicomSequence([item])  # names the one it replaces, whatever the clocks say
+    amended.save_as(tmp_path / "amended.dcm", enforce_file_format=True)
+    cloud.upload(tmp_path / "amended.dcm")
+    draft = make_text_sr(tmp_path / "draft.dcm", study, text="DRAFT: do not show")  # UNVERIFIED, newest of all
+    draft.ContentDate, draft.ContentTime = "20261125", "090000"
+    draft.save_as(tmp_path / "draft.dcm", enforce_file_format=True)
+    cloud.upload(tmp_path / "draft.dcm")
+
+    url = film_url(cloud, make_token(node_key, study.StudyInstanceUID, NODE, 30))
+    status, body = fetch(url)
+    page = body.decode()
+    assert status == 200 and "AMENDED: small left pleural effusion." in page
+    assert "DRAFT" not in page and "Provisional reading" not in page and "No acute" not in page
+
+    # A reader's system gone wrong: a report tree 3000 items wide and 40 deep, verified and newest.
+    wide = make_text_sr(tmp_path / "wide.dcm", study, text="Wide report start")
+    node = wide.ContentSequence[0]
+    for depth in range(40):
+        child = Dataset()
+        child.RelationshipType, child.ValueType, child.TextValue = "CONTAINS", "TEXT", f"level {depth} <b>x</b>"
+        node.ContentSequence = DicomSequence([child])
+        node = child
+    for n in range(3000):
+        extra = Dataset()
+        extra.RelationshipType, extra.ValueType, extra.TextValue = "CONTAINS", "TEXT", f"line {n}"
+        wide.ContentSequence.append(extra)
+    signed = signed_sr(tmp_path / "wide-signed.dcm", study, "unused", when="20261126080000")
+    signed.ContentSequence = wide.ContentSequence
+    signed.save_as(tmp_path / "wide-signed.dcm", enforce_file_format=True)
+    cloud.upload(tmp_path / "wide-signed.dcm")
+    status, body = fetch(url)
+    page = body.decode()
+    assert status == 200 and "Wide report start" in page and "longer than this page shows" in page
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page  # escaped, never markup
+    assert "level 39" not in page and len(body) < 400_000
