@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,15 +48,17 @@ from peewee import JOIN, Expression, fn
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import wait_exponential_jitter
 
+from edge.dicom_uid import is_uid
+from edge.files import fsync_dir, write_durably
 from edge.outbox_bell import OutboxBell
 from edge.store.const import ReportState, SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
 from edge.store.rows import rows
-from edge.store.spool import fsync_dir
 from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
+from sync.backoff import wait_before_attempt
 from sync.dicomweb import (
     ENCAPSULATED_PDF,
     REPORT_SOP_CLASSES,
@@ -73,12 +74,10 @@ from sync.dicomweb import (
 from sync.tables import Report, ReportPoll, ReportRetry
 
 log = logging.getLogger(__name__)
-log.addHandler(logging.NullHandler())
 
 REPORTS_DIR = "reports"
 """Under the data dir: ``reports/<study uid>/<sop uid>.dcm`` (and ``.pdf``)."""
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SR_MAX_DEPTH = 32  # a reader's report nests a few levels; deeper is no report, refused rather than cut
 _MAX_TEXT_CHARS = 200_000  # ~50 printed pages: longer is no report a patient can be handed
 _MAX_PREDECESSORS = 50
@@ -290,9 +289,7 @@ def backoff_delay(attempt: int, settings: ReportSettings) -> float:
         jitter=settings.min_backoff_s / 2,
         min=min(settings.min_backoff_s, settings.max_backoff_s),
     )
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-    state.attempt_number = max(1, attempt)
-    return float(wait(state))
+    return wait_before_attempt(wait, attempt)
 
 
 # ---------------------------------------------------------------------- SR as text
@@ -404,17 +401,6 @@ def pdf_bytes(ds: Dataset) -> bytes:
     if len(doc) % 2 == 0 and doc.endswith((b"\0", b" ")) and doc[:-1].rstrip().endswith(b"%%EOF"):
         return doc[:-1]
     return doc
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: whole or absent after a power cut."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------- the puller
@@ -729,7 +715,7 @@ class ReportPuller:
         if not pdf.startswith(b"%PDF"):
             raise _Unusable("encapsulated document is not a PDF (no %PDF header)")
         pdf_rel = f"{study_uid}/{sop_uid}.pdf"
-        _write_durably(self.root / pdf_rel, pdf)
+        write_durably(self.root / pdf_rel, pdf)
         return _Fetched(sop_uid, sop_class, "pdf", "", pdf_rel, dicom_rel, "", "", content_datetime,
                         doctor, verified_at, predecessors)
 
@@ -926,7 +912,7 @@ def _retry_later(sop_uids: list[str], now: dt.datetime) -> set[str]:
 
 def _is_uid(value: str) -> bool:
     """A DICOM UID, safe to use as a file name (the cloud's answer is not trusted with paths)."""
-    return 0 < len(value) <= 64 and bool(_UID.match(value))
+    return is_uid(value)
 
 
 def _make_dir(folder: Path, root: Path) -> None:
