@@ -16,4 +16,6 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 extras=""
 [[ "${1:-}" == "test" ]] && extras="[test]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+# The runtime dependencies at exactly the image's versions (image/requirements.lock, from image/lock.py),
+# so the tests and the type check (tests/test_types.py) see what the node runs, not the newest release.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c image/requirements.lock -e ".${extras}"
