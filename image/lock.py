@@ -3,7 +3,7 @@
 Run with the project's venv after `./scripts/venv.sh`:  .venv/bin/python image/lock.py
 The image installs exactly these versions (build.sh), and scripts/venv.sh installs the test venv
 with this file as constraints, so the tests and mypy see the same; to move a version, pip install
-it into .venv, run the tests, then run this. Add hashes with
+it into .venv and run this, then the tests. Add hashes with
 `pip-compile --generate-hashes` once releases are signed (see image/README.md).
 """
 
