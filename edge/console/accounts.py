@@ -275,6 +275,11 @@ def end_session(token: str | None) -> None:
             ConsoleSession.delete().where(ConsoleSession.token_hash == _token_hash(token)).execute()
 
 
+def no_users_yet() -> bool:
+    """True until the first account exists: only then does the login page say how to make one."""
+    return not ConsoleUser.select().exists()
+
+
 def list_users() -> list[dict[str, object]]:
     """Users with role and state.
 

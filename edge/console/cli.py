@@ -76,7 +76,8 @@ def cmd_list(config: EdgeConfig, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no console users yet: edge user add NAME --role admin")
+        print("no console users yet: make the first admin with `edge user add NAME --role admin` "
+              "(in a clone: ./scripts/edge user add NAME --role admin)")
     for r in rows:
         state = "disabled" if r["disabled"] else "active"
         slowed = f"  (wrong passwords from {r['wrong_login_addresses']} address(es); edge user unlock {r['name']})" \

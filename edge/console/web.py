@@ -150,7 +150,8 @@ def _login_token(request: web.Request) -> str:
 async def login_form(request: web.Request) -> web.StreamResponse:
     token = _login_token(request)
     msg = pages.message_text(request.query.get("msg", ""))
-    response = _page("login.html", request, csrf=token, message=msg, typed_user="")
+    response = _page("login.html", request, csrf=token, message=msg, typed_user="",
+                     no_users=await asyncio.to_thread(accounts.no_users_yet))
     _set_cookie(request, response, LOGIN_COOKIE, token)
     return response
 
@@ -170,7 +171,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not result.ok or result.user_id is None:
         token = _login_token(request)
         response = _page("login.html", request, status=429 if result.wait_s else 401, csrf=token,
-                         message=result.message, typed_user=name)
+                         message=result.message, typed_user=name,
+                         no_users=await asyncio.to_thread(accounts.no_users_yet))
         if result.wait_s:
             response.headers["Retry-After"] = str(result.wait_s)
         _set_cookie(request, response, LOGIN_COOKIE, token)
