@@ -11,6 +11,7 @@ from edge.store.migrations import Schema
 from kiosk import tables
 from kiosk.config import KioskSection
 from kiosk.doctor import check_printer
+from kiosk.printer_state import PrinterCollector
 from kiosk.viewer_token import check_film_link
 
 
@@ -29,10 +30,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 PART = Part(
     name="kiosk",
-    after=("store", "sync"),  # prints the reports sync brings back
+    after=("store", "orders", "sync"),  # prints the reports sync brings back, with the visit's second identifier
     sections={"kiosk": KioskSection},
     schema=Schema("kiosk", tuple(tables.KIOSK_TABLES), tables.MIGRATIONS),
     doctor_checks=(check_printer, check_film_link),
+    fleet_collectors=(PrinterCollector,),  # the printer's cause in the heartbeat and on /metrics
     add_commands=add_commands,
     services=(ServiceFactory("kiosk", build_kiosk),),
 )

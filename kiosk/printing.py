@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import select
-import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from typing import Protocol
 from kiosk import metrics
 from kiosk.const import PrinterState
 from kiosk.i18n import Catalog
+from kiosk.printer_state import probe_cups, probe_escpos
 from kiosk.receipt import render_receipt
 from kiosk.report_pdf import ReportPage, render_report_pdf
 
@@ -92,20 +91,10 @@ class CupsPrinter:
         return PrintResult(True, job=match.group(1), state="ok")
 
     def state(self) -> PrinterState:
-        """The queue's state from ``lpstat -l -p``: disabled/unreachable → offline, media-empty → paper_out."""
-        try:
-            done = subprocess.run(self._cmd("lpstat", "-l", "-p", self.queue), capture_output=True, text=True,
-                                  timeout=LP_TIMEOUT_S, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return _set_state("offline")
-        text = done.stdout
-        if done.returncode != 0 or f"printer {self.queue} " not in text:
-            return _set_state("offline")
-        alerts = " ".join(line.split(":", 1)[1] for line in text.splitlines() if line.strip().startswith("Alerts:"))
-        if "media-empty" in alerts or "media-needed" in alerts or "media-jam" in alerts:
-            return _set_state("paper_out")
-        if "disabled" in text.splitlines()[0] or "offline" in alerts:
-            return _set_state("offline")
+        """The queue's state as kiosk.printer_state finds it (scheduler, queue, paper, stopped), or the last job's."""
+        report = probe_cups(self.queue, self.server)
+        if not report.ok:
+            return _set_state(report.state)
         return _set_state("job_failed" if self._last_failed else "ok")
 
     def job_state(self, job: str) -> str:
@@ -136,7 +125,6 @@ class EscposPrinter:
     """An 80 mm receipt printer on a device path (USB ``/dev/usb/lp0``, a serial port, a file)."""
 
     name = "escpos"
-    STATUS_PAPER = b"\x10\x04\x04"  # DLE EOT 4: real-time paper roll sensor status
 
     def __init__(self, device: Path) -> None:
         self.device = device
@@ -166,37 +154,11 @@ class EscposPrinter:
         return PrintResult(True, job=f"escpos-{time.time_ns()}", state="ok")
 
     def state(self) -> PrinterState:
-        """Offline when the device is missing; on a character device, ask the printer about paper."""
-        try:
-            mode = self.device.stat().st_mode
-        except FileNotFoundError:
-            # A plain file target (tests, spooling) is created on first print.
-            return _set_state("ok" if self.device.parent.is_dir() and not str(self.device).startswith("/dev/")
-                              else "offline")
-        except OSError:
-            return _set_state("offline")
-        if stat.S_ISCHR(mode):
-            paper = self._ask_paper_status()
-            if paper is not None and paper & 0x60:  # bits 5-6: paper roll end detected
-                return _set_state("paper_out")
+        """Offline when the device is missing; on a character device, the printer's paper sensor."""
+        report = probe_escpos(self.device, ask_paper=True)
+        if not report.ok:
+            return _set_state(report.state)
         return _set_state("job_failed" if self._last_failed else "ok")
-
-    def _ask_paper_status(self, timeout: float = 0.5) -> int | None:
-        try:
-            fd = os.open(self.device, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            os.write(fd, self.STATUS_PAPER)
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
-                return None
-            answer = os.read(fd, 1)
-            return answer[0] if answer else None
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
 
     def job_state(self, job: str) -> str:
         return "done"  # bytes written to the device are printed as they arrive

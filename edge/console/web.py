@@ -23,6 +23,7 @@ from edge.node.config import EdgeConfig
 from edge import web as shared
 from edge.console import accounts, actions, pages
 from edge.console.accounts import SessionInfo
+from edge.console.report_notes import ReportNote, report_notes
 from edge.orders.matching import AssignError, assign_study
 from edge.orders.register import (
     ExamChoice,
@@ -36,6 +37,7 @@ from edge.orders.register import (
 from edge.orders.tables import Audit, Order
 from edge.orders.today import VisitRow, unmatched_studies, visits_for_day
 from firmware_bridge.boxes import box_summaries
+from kiosk.printer_state import recent_printer_report
 from kiosk.slip import render_slip
 from kiosk.tickets import issue_ticket
 
@@ -200,6 +202,16 @@ def _today_data() -> tuple[list[VisitRow], list[Any], list[dict[str, Any]]]:
     return visits_for_day(), unmatched_studies(), box_summaries()
 
 
+def _notes(config: EdgeConfig, visits: list[VisitRow]) -> dict[int, ReportNote]:
+    """Each visit's report lines: preliminary report, amended after printing, check-now offered."""
+    return report_notes(visits, config.data_dir, config.reports.lookback_days)
+
+
+def _signature(row: VisitRow, notes: dict[int, ReportNote]) -> str:
+    note = notes.get(row.order_id)
+    return row.signature + (f"|{note.signature}" if note is not None else "")
+
+
 def _box_signature(boxes: list[dict[str, Any]]) -> str:
     """What of the ECG panel, when it changes, makes the open Today page reload."""
     return ";".join(f'{b["box_id"]}:{b["connected"]}:{b["recording"]}:{b["battery_pct"]}:{",".join(b["lead_off"])}:'
@@ -208,7 +220,9 @@ def _box_signature(boxes: list[dict[str, Any]]) -> str:
 
 async def today(request: web.Request) -> web.StreamResponse:
     rows, unmatched, boxes = await asyncio.to_thread(_today_data)
-    return _page("today.html", request, rows=rows, unmatched=unmatched, boxes=boxes,
+    notes = await asyncio.to_thread(_notes, _ctx(request).config, rows)
+    printer = await asyncio.to_thread(recent_printer_report, _ctx(request).config)
+    return _page("today.html", request, rows=rows, unmatched=unmatched, boxes=boxes, printer=printer, notes=notes,
                  refresh_s=_ctx(request).config.console.refresh_s,
                  message=pages.message_text(request.query.get("msg", "")),
                  error=pages.error_text(request.query.get("error", "")), box_signature=_box_signature(boxes))
@@ -217,11 +231,14 @@ async def today(request: web.Request) -> web.StreamResponse:
 async def api_today(request: web.Request) -> web.StreamResponse:
     """Small: one signature per visit; the page asks for the rows whose signature changed."""
     rows, unmatched, boxes = await asyncio.to_thread(_today_data)
+    notes = await asyncio.to_thread(_notes, _ctx(request).config, rows)
+    printer = await asyncio.to_thread(recent_printer_report, _ctx(request).config)
     return web.json_response({
-        "visits": {str(r.order_id): r.signature for r in rows},
+        "visits": {str(r.order_id): _signature(r, notes) for r in rows},
         "order": [r.order_id for r in rows],
         "unmatched": [u.study_instance_uid for u in unmatched],
         "boxes": _box_signature(boxes),
+        "printer": printer.cause,  # a change reloads the page: the printer banner comes or goes
     })
 
 
@@ -231,11 +248,13 @@ async def api_rows(request: web.Request) -> web.StreamResponse:
         wanted = {int(x) for x in request.query.get("ids", "").split(",") if x}
     except ValueError:
         raise web.HTTPBadRequest(text="ids must be numbers\n") from None
-    rows = await asyncio.to_thread(visits_for_day)
+    rows = [r for r in await asyncio.to_thread(visits_for_day) if r.order_id in wanted]
+    notes = await asyncio.to_thread(_notes, _ctx(request).config, rows)
     return web.json_response({
-        str(r.order_id): {"html": shared.render_fragment("visit_row.html", request, row=r, csrf=session.csrf),
-                          "sig": r.signature}
-        for r in rows if r.order_id in wanted
+        str(r.order_id): {"html": shared.render_fragment("visit_row.html", request, row=r, csrf=session.csrf,
+                                                         note=notes.get(r.order_id)),
+                          "sig": _signature(r, notes)}
+        for r in rows
     })
 
 
@@ -332,6 +351,9 @@ async def visit_action(request: web.Request) -> web.StreamResponse:
         elif action == "reprint":
             await asyncio.to_thread(actions.reprint, order_id, session.user, client)
             msg = "reprint"
+        elif action == "check-report":
+            await asyncio.to_thread(actions.check_report, order_id, session.user, ctx.config.data_dir, client)
+            msg = "report_check"
         else:
             raise web.HTTPNotFound()
     except (actions.ActionError, LookupError) as exc:
@@ -448,7 +470,7 @@ def add_routes(app: web.Application, config: EdgeConfig, wake_sync: Callable[[],
     r.add_post("/register", register)
     r.add_get(r"/visits/{order_id:\d+}/registered", registered)
     r.add_get(r"/visits/{order_id:\d+}/slip.pdf", slip_pdf)
-    r.add_post(r"/visits/{order_id:\d+}/{action:stat|send-now|retry|reprint}", visit_action)
+    r.add_post(r"/visits/{order_id:\d+}/{action:stat|send-now|retry|reprint|check-report}", visit_action)
     r.add_post("/assign", assign)
     r.add_post("/ecg/arm", arm_box)
     r.add_get("/users", users)

@@ -15,6 +15,7 @@ from edge.store.queries import (
     outbox_summary,
 )
 from firmware_bridge.boxes import box_summaries
+from kiosk.printer_state import probe_printer
 
 
 def node_status(config: EdgeConfig) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def node_status(config: EdgeConfig) -> dict[str, Any]:
             "ok": disk.ok,
         },
         "boxes": box_summaries(),  # ECG boxes the bridge has seen
+        "printer": probe_printer(config).as_dict(),  # the kiosk printer: ok, or the cause and its fix
     }
 
 
@@ -84,6 +86,11 @@ def format_status(status: dict[str, Any]) -> str:
     if store["files_missing"]:
         lines.append(f"PROBLEM   {store['files_missing']} instance file(s) missing from the spool (see event log)")
     lines.append(f"disk      {disk['free_mb']} MB free (minimum {disk['min_free_mb']} MB)" + ("" if disk["ok"] else "  PROBLEM: disk full, C-STORE refused"))
+    printer = status.get("printer")
+    if printer and printer["ok"]:
+        lines.append(f"printer   {p(printer['where'])}: ready")
+    elif printer:
+        lines.append(f"PROBLEM   printer ({p(printer['where'])}): {p(printer['summary'])}; fix: {p(printer['fix'])}")
     for box in status.get("boxes", []):
         lines.append(
             f"ecg box   {p(box['box_id'])}: firmware {p(box['firmware'] or '?')}, "
