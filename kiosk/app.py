@@ -27,8 +27,7 @@ from kiosk import metrics, pages
 from kiosk.const import PrinterState
 from kiosk.i18n import load_catalog
 from kiosk.printing import CupsPrinter, EscposPrinter, PrinterBackend
-from kiosk.printjob import FilmLink, print_ticket_report
-from kiosk.report_pdf import readable_date
+from kiosk.printjob import FilmLink, build_page, print_ticket_report
 from kiosk.sessions import COOKIE, KioskSession, SessionStore
 from kiosk.tickets import GuardSettings, Lookup, finish_print, look_up, ticket_report
 from kiosk.viewer_token import load_or_create_key
@@ -239,7 +238,7 @@ async def pin_entered(request: web.Request) -> web.StreamResponse:
         session.ticket_id = result.ticket_id
         raise _to("/report")
     if result.outcome == "not_ready":
-        session.ticket_id, session.estimate_hours = None, result.estimate_hours
+        session.ticket_id, session.estimate_hours, session.wait = None, result.estimate_hours, result.wait
         raise _to("/not-ready")
     if result.outcome == "wrong_pin":  # an unknown code reads the same: no oracle for which codes exist
         text = t("wrong_pin")
@@ -276,7 +275,7 @@ async def not_ready_screen(request: web.Request) -> web.StreamResponse:
         raise _to("/")
     frame = _frame(request, session)
     return _message(request, frame, "not-ready", frame.t("not_ready_title"),
-                    pages.not_ready_text(frame.t, session.estimate_hours), "clock")
+                    pages.not_ready_text(frame.t, session.estimate_hours, session.wait), "clock")
 
 
 def _pdf_pages(path: Path | None) -> int:
@@ -299,9 +298,10 @@ async def report_screen(request: web.Request) -> web.StreamResponse:
     pdf_pages = await asyncio.to_thread(_pdf_pages, report.report.pdf_path) if report.report.kind == "pdf" else 0
     ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
     frame = _frame(request, session)
+    view = build_page(report, ctx.config.node.name, None, ctx.config.node.phone)
     return _page(
-        request, frame, "report.html", "report", frame.t("report_ready"), patient_name=report.patient_name,
-        exam=report.exam, date=readable_date(report.study_date),
+        request, frame, "report.html", "report", frame.t("report_ready"), facts=view.facts(frame.t),
+        amended=view.amended_text(frame.t), amended_extra=report.amended_extra and report.prints_left > 0,
         report_text=report.report.text if report.report.kind == "sr" else "", pdf_pages=pdf_pages,
         prints_left=report.prints_left, printer_ok=ctx.printer_state not in ("offline", "paper_out"),
     )
@@ -315,7 +315,7 @@ async def print_pressed(request: web.Request) -> web.StreamResponse:
     k = ctx.config
     outcome = await asyncio.to_thread(
         print_ticket_report, session.ticket_id, _client(request), session.language, ctx.printer, ctx.guard,
-        k.data_dir, k.node.name, ctx.link,
+        k.data_dir, k.node.name, ctx.link, k.node.phone,
     )
     t = load_catalog(session.language)
     if outcome.outcome == "printed":

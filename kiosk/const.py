@@ -16,11 +16,16 @@ AuditAction = Literal["issue", "lookup", "print", "reprint_allowed"]
 LOOKUP_OUTCOMES: Final = (
     "checking", "ready", "not_ready", "wrong_pin", "unknown_code", "bad_code", "locked", "throttled", "expired",
 )
-PRINT_OUTCOMES: Final = ("printing", "printed", "failed", "limit_reached", "printer_unavailable")
+PRINT_OUTCOMES: Final = ("printing", "printed", "failed", "limit_reached", "printer_unavailable", "amended_extra")
+# "amended_extra": beside the print that used the one extra an amended-after-printing report allows.
 # "checking": a try counted before its PIN is checked, so tries at once see each other.
 FAILED_LOOKUPS: Final = frozenset({"checking", "wrong_pin", "unknown_code"})
 PIN_FAILURES_KEPT_DAYS: Final = 1  # a code's wrong PINs are forgotten after a quiet day (unknown codes too)
 COUNTED_PRINTS: Final = ("printing", "printed")
+
+# Why a report is not ready, for the "come back" screen: images on their way to the cloud, with
+# the doctor, a draft being written, or longer than [kiosk] report_estimate_hours since they arrived there.
+NotReady = Literal["uploading", "with_doctor", "writing", "overdue"]
 
 PrinterState = Literal["ok", "offline", "paper_out", "job_failed", "unknown"]
 PRINTER_STATES: Final = ("ok", "offline", "paper_out", "job_failed", "unknown")

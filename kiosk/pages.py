@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kiosk.const import NotReady
 from kiosk.i18n import Catalog, load_catalog
 from kiosk.icons import ICON_PATHS
 
@@ -33,8 +34,16 @@ def language_choices(languages: Sequence[str]) -> list[tuple[str, Catalog]]:
     return [(lang, load_catalog(lang)) for lang in languages]
 
 
-def not_ready_text(t: Catalog, estimate_hours: float) -> str:
-    """When the report should be ready, as the patient reads it."""
+def not_ready_text(t: Catalog, estimate_hours: float, wait: NotReady = "uploading") -> str:
+    """When the report should be ready, as the patient reads it: never "tomorrow" once the
+    images are with the doctor (remote reads come within hours), "ask at reception" once
+    that is longer than usual."""
+    if wait == "writing":
+        return t("not_ready_writing")
+    if wait == "with_doctor":
+        return t("not_ready_hour") if estimate_hours <= 1.5 else t("not_ready_with_doctor")
+    if wait == "overdue":
+        return t("not_ready_overdue")
     if estimate_hours <= 1.5:
         return t("not_ready_hour")
     if estimate_hours <= 12:

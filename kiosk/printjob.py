@@ -45,8 +45,9 @@ class PrintOutcome:
     study_uid: str = ""
 
 
-def build_page(report: TicketReport, clinic_name: str, link: FilmLink) -> ReportPage:
-    url, expires = link.url(report.study_uid)
+def build_page(report: TicketReport, clinic_name: str, link: FilmLink | None, clinic_phone: str = "") -> ReportPage:
+    """The page for ``report``; ``link`` None for the screen's preview, which shows no QR (no token is made)."""
+    url, expires = link.url(report.study_uid) if link is not None else ("", utcnow().date())
     return ReportPage(
         clinic_name=clinic_name,
         patient_name=report.patient_name,
@@ -56,6 +57,10 @@ def build_page(report: TicketReport, clinic_name: str, link: FilmLink) -> Report
         viewer_url=url,
         link_expires=expires,
         printed_at=utcnow(),
+        clinic_phone=clinic_phone,
+        accession_number=report.accession_number,
+        patient_ids=report.patient_ids,
+        replaces_report_of=report.replaces_report_of,
     )
 
 
@@ -68,13 +73,14 @@ def print_ticket_report(
     data_dir: Path,
     clinic_name: str,
     link: FilmLink,
+    clinic_phone: str = "",
 ) -> PrintOutcome:
     """Print the ticket's report once, within its allowance. Blocking: run it off the event loop."""
     started = time.monotonic()
     report = ticket_report(ticket_id, data_dir, settings)
     if report is None:
         return PrintOutcome("gone")
-    audit_id = reserve_print(ticket_id, report.report.sop_instance_uid, client, settings)
+    audit_id = reserve_print(ticket_id, report.report.sop_instance_uid, client, settings, report.amended_extra)
     if audit_id is None:
         metrics.PRINTS.labels("limit_reached").inc()
         return PrintOutcome("limit_reached")
@@ -86,7 +92,7 @@ def print_ticket_report(
         return PrintOutcome("printer_unavailable", audit_id)
     result: PrintResult
     try:
-        document = printer.render(build_page(report, clinic_name, link), load_catalog(language))
+        document = printer.render(build_page(report, clinic_name, link, clinic_phone), load_catalog(language))
         result = printer.submit(document)
     except Exception as exc:  # a broken report file or renderer bug: the patient goes to reception
         log.exception("kiosk: print for ticket %d failed while rendering", ticket_id)

@@ -8,7 +8,7 @@ from escpos.printer import Dummy
 
 from kiosk.i18n import Catalog
 from kiosk.page_text import plain
-from kiosk.report_pdf import ReportPage, readable_date
+from kiosk.report_pdf import ReportPage
 
 COLUMNS = 48  # font A on 80 mm paper (72 mm printable at 203 dpi)
 
@@ -18,11 +18,17 @@ def render_receipt(page: ReportPage, t: Catalog) -> bytes:
     p = Dummy()
     p.set(align="center", bold=True, double_height=True, double_width=True)
     p.text(_wrap(page.clinic_name, COLUMNS // 2) + "\n")
+    p.set(align="center", bold=False, normal_textsize=True)
+    if page.clinic_phone.strip():
+        p.text(_wrap(f"{t('clinic_phone')}: {page.clinic_phone}", COLUMNS) + "\n")
     p.set(align="center", bold=True, normal_textsize=True)
-    p.text(_wrap(t("welcome"), COLUMNS) + "\n\n")
+    p.text(_wrap(f"{t('report_heading')}: {page.status_text(t)}", COLUMNS) + "\n\n")
+    amended = page.amended_text(t)
+    if amended:
+        p.set(align="left", bold=True, normal_textsize=True)
+        p.text("*" * COLUMNS + "\n" + _wrap(amended, COLUMNS) + "\n" + "*" * COLUMNS + "\n")
     p.set(align="left", bold=False, normal_textsize=True)
-    for label, value in ((t("patient"), page.patient_name), (t("exam"), page.exam or "-"),
-                         (t("date"), readable_date(page.study_date))):
+    for label, value in page.facts(t):
         p.text(_wrap(f"{label}: {value}", COLUMNS) + "\n")
     p.text("-" * COLUMNS + "\n")
     p.set(bold=True)
@@ -35,11 +41,16 @@ def render_receipt(page: ReportPage, t: Catalog) -> bytes:
                     or "") + "\n")
     else:
         p.text(_wrap(t("receipt_pdf_note"), COLUMNS) + "\n")
+    p.text("-" * COLUMNS + "\n")
+    p.set(bold=True)
+    p.text(_wrap(t("language_note"), COLUMNS) + "\n")
+    p.set(bold=False)
     p.text("\n")
     p.set(align="center")
     p.qr(page.viewer_url, native=True, size=6, ec=1)  # ec=1: level M, as on the A4 page
     p.text(_wrap(t("qr_caption"), COLUMNS) + "\n")
-    p.text(_wrap(t("qr_expires", date=page.link_expires.isoformat()), COLUMNS) + "\n\n")
+    p.text(_wrap(t("qr_expires", date=page.link_expires.isoformat()), COLUMNS) + "\n")
+    p.text(_wrap(t("printed_on", date=page.printed_at.strftime("%Y-%m-%d %H:%M")), COLUMNS) + "\n\n")
     p.set(align="left")
     p.cut()
     return bytes(p.output)

@@ -11,6 +11,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from kiosk.const import NotReady
+
 COOKIE = "kiosk_session"
 
 
@@ -22,6 +24,7 @@ class KioskSession:
     code: str = ""  # the slip code, between the code and the PIN screens
     ticket_id: int | None = None  # set once code + PIN matched
     estimate_hours: float | None = None  # report not ready yet
+    wait: NotReady = "uploading"  # and why (kiosk.pages.not_ready_text)
     message: str = ""  # one-shot notice for the next screen (already translated)
     audit_id: int | None = None  # the print in progress
     job: str = ""

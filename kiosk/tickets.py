@@ -18,14 +18,15 @@ from pathlib import Path
 from peewee import Expression, fn
 
 from edge.check_digit import luhn_digit, luhn_ok
+from edge.orders.tables import Order, Visit
 from edge.secret_hash import DUMMY_HASH, hash_secret, secret_matches
-from edge.store.const import ReportState
+from edge.store.const import ReportState, SyncState
 from edge.store.db import write_transaction
-from edge.store.models import Study, utcnow
+from edge.store.models import Instance, Outbox, Study, utcnow
 from edge.store.rows import row
-from kiosk.const import CODE_DIGITS, COUNTED_PRINTS, FAILED_LOOKUPS, PIN_FAILURES_KEPT_DAYS
+from kiosk.const import CODE_DIGITS, COUNTED_PRINTS, FAILED_LOOKUPS, PIN_FAILURES_KEPT_DAYS, NotReady
 from kiosk.tables import KioskAudit, PinGuard, Ticket
-from sync.reports import ReportView, current_report
+from sync.reports import ReportView, amended_after_printing, amendment_of, current_report, preliminary_report
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Lookup:
     wait_s: float = 0.0  # locked / throttled: how long until a try is worth it
     tries_left: int | None = None
     estimate_hours: float | None = None  # not_ready: plain estimate until the report comes
+    wait: NotReady = "uploading"  # not_ready: where the report is, for an honest "come back" (pages.not_ready_text)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class TicketReport:
     study_date: str
     report: ReportView
     prints_left: int
+    accession_number: str = ""
+    patient_ids: tuple[tuple[str, str], ...] = ()  # (catalog key of the label, value): the second identifier
+    replaces_report_of: dt.datetime | None = None  # an amendment: when the report it replaces was signed
+    amended_extra: bool = False  # the replaced report was printed: one print beyond the limit
 
 
 # ---------------------------------------------------------------------- codes and PINs
@@ -213,7 +219,8 @@ def look_up(code_text: str, pin: str, client: str, settings: GuardSettings, data
     log.info("kiosk: lookup from %s: %s (ticket %d)", client, outcome, ticket.id)
     if ready:
         return Lookup("ready", ticket.id)
-    return Lookup("not_ready", ticket.id, estimate_hours=_estimate_hours(study, settings, now))
+    wait, hours = _not_ready(study, settings, now, data_dir)
+    return Lookup("not_ready", ticket.id, estimate_hours=hours, wait=wait)
 
 
 def _claim_try(code: str, code_text: str, client: str, settings: GuardSettings) -> _Claim | Lookup:
@@ -297,12 +304,56 @@ def _study_for(accession_number: str) -> Study | None:
     )
 
 
-def _estimate_hours(study: Study | None, settings: GuardSettings, now: dt.datetime) -> float:
-    """Hours until the report is likely in: the configured turnaround less time already waited."""
+def _not_ready(study: Study | None, settings: GuardSettings, now: dt.datetime, data_dir: Path) -> tuple[NotReady, float]:
+    """Where the report is and the hours until it is likely in, so the patient is told the truth.
+
+    A reader's draft in: "writing" (later today). Every image in the cloud: "with_doctor"
+    (later today) until ``report_estimate_hours`` since they got there, then "overdue"
+    (ask at reception). Images still on their way (or not taken): the configured
+    turnaround less the time already waited, in hours.
+    """
     if study is None:
-        return settings.report_estimate_hours
+        return "uploading", settings.report_estimate_hours
+    if preliminary_report(study.study_instance_uid, data_dir) is not None:
+        return "writing", 1.0
+    synced_at = _in_cloud_since(study.id)
+    if synced_at is not None:
+        waited = (now - synced_at).total_seconds() / 3600
+        if waited > settings.report_estimate_hours:
+            return "overdue", 0.0
+        return "with_doctor", max(1.0, settings.report_estimate_hours - waited)
     waited = (now - study.received_at).total_seconds() / 3600
-    return max(1.0, settings.report_estimate_hours - waited)
+    return "uploading", max(1.0, settings.report_estimate_hours - waited)
+
+
+def _in_cloud_since(study_id: int) -> dt.datetime | None:
+    """When the study's last image reached the cloud; None while any is still to go (or it has none)."""
+    states, last = row(
+        Outbox.select(fn.COUNT(Outbox.id).filter(Outbox.state != SyncState.SYNCED), fn.MAX(Outbox.synced_at))
+        .join(Instance).where(Instance.study == study_id),
+        tuple[int, dt.datetime | str | None],
+    )
+    if int(states) or last is None:
+        return None
+    return last if isinstance(last, dt.datetime) else dt.datetime.fromisoformat(str(last))
+
+
+def _patient_ids(accession_number: str, study: Study) -> tuple[tuple[str, str], ...]:
+    """The page's second identifier: the visit's SA ID or folder number (else date of birth),
+    else the DICOM Patient ID the study came with (a slip made without a visit)."""
+    visit = (
+        Visit.select(Visit.patient_id, Visit.id_kind, Visit.birth_date).join(Order)
+        .where(Order.accession_number == accession_number).first()
+    )
+    if visit is not None:
+        found: list[tuple[str, str]] = []
+        if visit.patient_id.strip():
+            found.append(("id_said" if visit.id_kind == "said" else "id_folder", visit.patient_id.strip()))
+        if visit.birth_date.strip():
+            found.append(("birth_date", visit.birth_date.strip()))
+        if found:
+            return tuple(found)
+    return (("patient_id", study.patient_id.strip()),) if study.patient_id.strip() else ()
 
 
 # ---------------------------------------------------------------------- the ready report
@@ -319,7 +370,8 @@ def ticket_report(ticket_id: int, data_dir: Path, settings: GuardSettings) -> Ti
     report = current_report(study.study_instance_uid, data_dir, print_preliminary=settings.print_preliminary)
     if report is None:
         return None
-    used = _prints_used(ticket.id, report.sop_instance_uid)
+    extra = _amended_extra(study.study_instance_uid, report)
+    used = _prints_used(ticket.id)
     return TicketReport(
         ticket_id=ticket.id,
         code=ticket.code,
@@ -328,36 +380,55 @@ def ticket_report(ticket_id: int, data_dir: Path, settings: GuardSettings) -> Ti
         study_uid=study.study_instance_uid,
         study_date=study.study_date,
         report=report,
-        prints_left=max(0, settings.print_limit + ticket.extra_prints - used),
+        prints_left=max(0, settings.print_limit + ticket.extra_prints + int(extra) - used),
+        accession_number=ticket.accession_number,
+        patient_ids=_patient_ids(ticket.accession_number, study),
+        replaces_report_of=amendment_of(report) if report.status == "amended" else None,
+        amended_extra=extra,
     )
 
 
-def _prints_used(ticket_id: int, report_sop_uid: str) -> int:
+def _amended_extra(study_uid: str, report: ReportView) -> bool:
+    """An amended report whose predecessor was printed may be printed once beyond the limit."""
+    return report.status == "amended" and amended_after_printing(study_uid)
+
+
+def _prints_used(ticket_id: int) -> int:
+    """Prints of the slip, whichever of its study's reports they were: the limit is per slip."""
     return (
         KioskAudit.select()
         .where(
             (KioskAudit.ticket == ticket_id)
             & (KioskAudit.action == "print")
-            & (KioskAudit.report_sop_uid == report_sop_uid)
             & (KioskAudit.outcome.in_(COUNTED_PRINTS))
         )
         .count()
     )
 
 
-def reserve_print(ticket_id: int, report_sop_uid: str, client: str, settings: GuardSettings) -> int | None:
+def reserve_print(ticket_id: int, report_sop_uid: str, client: str, settings: GuardSettings,
+                  amended_extra: bool = False) -> int | None:
     """Take one print from the allowance before printing (so two taps cannot print twice).
 
-    Returns the audit row id to finish with :func:`finish_print`, or None at the limit.
+    ``amended_extra``: the report amends one already printed, so the slip may print once
+    beyond its limit; the print that uses that extra gets its own audit row. Returns the
+    audit row id to finish with :func:`finish_print`, or None at the limit.
     """
     with write_transaction():
         ticket = Ticket.get_by_id(ticket_id)
-        allowed = settings.print_limit + ticket.extra_prints
-        if _prints_used(ticket_id, report_sop_uid) >= allowed:
+        limit = settings.print_limit + ticket.extra_prints
+        used = _prints_used(ticket_id)
+        if used >= limit + int(amended_extra):
             KioskAudit.create(action="print", outcome="limit_reached", code=ticket.code, ticket=ticket_id,
                               client=client, report_sop_uid=report_sop_uid)
-            log.info("kiosk: print from %s refused: limit of %d reached (ticket %d)", client, allowed, ticket_id)
+            log.info("kiosk: print from %s refused: limit of %d reached (ticket %d)", client,
+                     limit + int(amended_extra), ticket_id)
             return None
+        if used >= limit:
+            KioskAudit.create(action="print", outcome="amended_extra", code=ticket.code, ticket=ticket_id,
+                              client=client, report_sop_uid=report_sop_uid,
+                              detail=f"one print beyond the limit of {limit}: the printed report was amended")
+            log.info("kiosk: ticket %d prints amended report %s beyond its limit of %d", ticket_id, report_sop_uid, limit)
         row = KioskAudit.create(action="print", outcome="printing", code=ticket.code, ticket=ticket_id,
                                 client=client, report_sop_uid=report_sop_uid)
     return int(row.id)

@@ -26,6 +26,7 @@ class Section(BaseModel):
 class NodeSection(Section):
     id: str = Field(default="clinic-0001", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     name: str = Field(default="Example Clinic", min_length=1, max_length=64)
+    phone: str = Field(default="", max_length=32)  # printed on the report page for the patient's questions
 
 
 class DicomSection(Section):

@@ -198,7 +198,8 @@ def test_hostile_values_from_the_dr_the_cloud_and_the_desk_print_on_a_real_cups(
     assert "&lt;img src=&quot;/etc/hostname&quot;/&gt; Dlamini" in preview and "<img src=" not in preview
     assert last == "printed"
     text = pdf_text(cups.wait_for_pdfs(before + 1)[-1].read_bytes(), tmp_path)
-    for literal in ('<img src="/etc/hostname"/> Dlamini', "<font size=300>Chest</font>", "Date <b>",
+    for literal in ('<img src="/etc/hostname"/> Dlamini', "<font size=300>Chest</font>",
                     '</para><img src="/etc/hostname"/> & <font size=300>huge</font>', "Ikhaya & <b>Clinic</b>"):
         assert squash(literal) in text, (literal, text)
+    assert re.search(r"<b>(?!Clinic)", text), text  # the study date, in its own cell of the details
     assert [e["outcome"] for e in audit(node) if e["action"] == "print"] == ["printed"]
