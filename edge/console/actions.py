@@ -1,4 +1,4 @@
-"""What a technician's buttons do to the queue, the kiosk and the ECG boxes; each one audited.
+"""What a technician's buttons do to the queue, the report check, the kiosk and the ECG boxes; each one audited.
 
 The outbox belongs to sync: STAT, send now and retry call ``sync.outbox`` with the
 order's studies; the console writes only its own tables (the order, the audit).
@@ -7,6 +7,7 @@ order's studies; the console writes only its own tables (the order, the audit).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from edge.orders.tables import Order, StudyMatch, audit
 from edge.store.db import write_transaction
@@ -15,6 +16,7 @@ from edge.store.rows import rows
 from firmware_bridge.boxes import arm_box
 from kiosk.tickets import allow_reprint
 from sync import outbox
+from sync.reports import check_now
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,18 @@ def retry(order_id: int, by: str, client: str = "") -> int:
         audit(by, "retry", _order(order_id), f"{count} quarantined instance(s) queued again", client)
     log.info("console: order %d: %d quarantined instance(s) retried by %s", order_id, count, by)
     return count
+
+
+def check_report(order_id: int, by: str, data_dir: Path, client: str = "") -> int:
+    """Staff's "Check for the report now": the order's studies go into the puller's next poll, which starts now."""
+    order = _order(order_id)
+    asked = sum(check_now(uid, data_dir) for uid in _study_uids(order_id))
+    if not asked:
+        raise ActionError(f"order {order_id} has no study on this node", "no_study")
+    with write_transaction():
+        audit(by, "check_report_now", order, f"{asked} study(ies): the cloud is asked for the report now", client)
+    log.info("console: order %d: report check requested by %s (%d study(ies))", order_id, by, asked)
+    return asked
 
 
 def reprint(order_id: int, by: str, client: str = "") -> None:

@@ -27,6 +27,7 @@ MESSAGES = {
     "retried": "Queued again: the node will try to send it now.",
     "nothing_to_retry": "Nothing was stuck for that visit.",
     "reprint": "The patient may print once more at the kiosk (the slip is unlocked too).",
+    "report_check": "Asking the cloud for the report now: the visit shows it as soon as it arrives.",
     "assigned": "The study now belongs to that visit.",
     "armed": "The ECG box is ready: its next recording belongs to that patient.",
     "user_added": "User added.",
