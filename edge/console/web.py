@@ -358,7 +358,7 @@ async def visit_action(request: web.Request) -> web.StreamResponse:
             raise web.HTTPNotFound()
     except (actions.ActionError, LookupError) as exc:
         raise _error_redirect("/", exc) from None
-    if action in ("stat", "send-now", "retry") and ctx.wake_sync is not None:
+    if action in ("stat", "send-now", "retry", "check-report") and ctx.wake_sync is not None:
         ctx.wake_sync()
     raise web.HTTPSeeOther(f"/?msg={msg}")
 
