@@ -25,6 +25,8 @@ FLEET_METRICS = {
     "edge_outbox_last_upload_timestamp_seconds", "edge_health_check_ok", "edge_healthy", "edge_service_up",
     # The bridge's (firmware_bridge.metrics, declared in its Part's fleet_collectors).
     "edge_ecg_boxes_connected", "edge_ecg_box_battery_percent", "edge_ecg_box_lead_off", "edge_ecg_recordings",
+    # The kiosk's (kiosk.printer_state.PrinterCollector): the printer's probe with its cause.
+    "edge_kiosk_printer_ready",
 }
 _METRIC = re.compile(r"\b((?:edge|push)_[a-z_]+)\b")
 
@@ -58,7 +60,7 @@ def test_alerts_cover_silence_backlog_quarantine_disk_and_cloud() -> None:
 def test_the_ecg_alerts_have_promtool_unit_tests() -> None:
     tests = yaml.safe_load((OPS_DOCS / "alerts_test.yml").read_text())["tests"]
     cases = [case for test in tests for case in test["alert_rule_test"]]
-    for alert in ("EdgeEcgBoxBatteryLow", "EdgeEcgRecordingsFailing"):
+    for alert in ("EdgeEcgBoxBatteryLow", "EdgeEcgRecordingsFailing", "EdgeKioskPrinterDown"):
         assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), f"{alert}: no test where it fires"
 
 

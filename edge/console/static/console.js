@@ -87,7 +87,8 @@
         document.getElementById("count").textContent = data.order.length;
         if (changed.length) return replaceRows(changed);
       })
-      .then(function () { ok = true; contactBack(); }, showLost)
+      .then(function () { ok = true; contactBack(); },
+            function (err) { if (!(err && err.message === "logged out")) showLost(); })
       .then(function () { setTimeout(poll, ok ? every : retryEvery); });
   }
   setTimeout(poll, every);
