@@ -8,10 +8,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from edge.config.patient_text import LANGUAGES, Language, PatientText
 from edge.config.sections import Section
 
-Language = Literal["en", "zu", "xh", "af", "st"]
-LANGUAGES: tuple[Language, ...] = ("en", "zu", "xh", "af", "st")
+__all__ = ["LANGUAGES", "EXAMPLE_FILM_HOST", "KioskSection", "Language"]
 _TEMPLATE_FIELDS = {"study_uid", "token"}
 EXAMPLE_FILM_HOST = "film.example"  # the shipped placeholder: `edge doctor` warns until the cloud's own host is set
 
@@ -25,6 +25,7 @@ class KioskSection(Section):
     allowed_clients: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
     idle_timeout_s: float = Field(default=60.0, ge=5, le=3600)
+    idle_warning_s: float = Field(default=15.0, ge=0, le=600)  # the "touch to stay" countdown before the reset
     pin_digits: int = Field(default=6, ge=4, le=8)
     ticket_valid_days: int = Field(default=90, ge=1, le=3650)
     max_pin_failures: int = Field(default=5, ge=1, le=100)
@@ -44,7 +45,7 @@ class KioskSection(Section):
     cups_queue: str = Field(default="kiosk", pattern=r"^[A-Za-z0-9_.-]{1,127}$")
     escpos_device: str = "/dev/usb/lp0"
     printer_check_interval_s: float = Field(default=15.0, gt=0, le=3600)
-    collect_at: str = Field(default="the patient kiosk at reception", max_length=80)
+    collect_at: PatientText = ""  # "" = the catalog's "the patient kiosk at reception" in the slip's language
 
     @field_validator("allowed_clients")
     @classmethod
@@ -77,4 +78,6 @@ class KioskSection(Section):
             raise ValueError("languages: list at least one of en, zu, xh, af, st")
         if len(set(self.languages)) != len(self.languages):
             raise ValueError("languages: each language once")
+        if self.idle_warning_s >= self.idle_timeout_s:
+            raise ValueError("idle_warning_s: must be shorter than idle_timeout_s (0 = no countdown)")
         return self

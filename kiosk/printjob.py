@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge.store.models import utcnow
 from kiosk import metrics
 from kiosk.i18n import load_catalog
+from kiosk.patient_texts import PatientTexts
 from kiosk.printing import PrinterBackend, PrintResult
 from kiosk.report_pdf import ReportPage
 from kiosk.tickets import GuardSettings, TicketReport, finish_print, reserve_print, ticket_report
@@ -45,13 +46,15 @@ class PrintOutcome:
     study_uid: str = ""
 
 
-def build_page(report: TicketReport, clinic_name: str, link: FilmLink | None, clinic_phone: str = "") -> ReportPage:
-    """The page for ``report``; ``link`` None for the screen's preview, which shows no QR (no token is made)."""
+def build_page(report: TicketReport, clinic_name: str, link: FilmLink | None, clinic_phone: str = "",
+               exam: str | None = None) -> ReportPage:
+    """The page for ``report``; ``link`` None for the screen's preview, which shows no QR (no token is made);
+    ``exam``: the exam's name in the patient's language (:mod:`kiosk.patient_texts`), else as the ticket has it."""
     url, expires = link.url(report.study_uid) if link is not None else ("", utcnow().date())
     return ReportPage(
         clinic_name=clinic_name,
         patient_name=report.patient_name,
-        exam=report.exam,
+        exam=report.exam if exam is None else exam,
         study_date=report.study_date,
         report=report.report,
         viewer_url=url,
@@ -74,6 +77,7 @@ def print_ticket_report(
     clinic_name: str,
     link: FilmLink,
     clinic_phone: str = "",
+    texts: PatientTexts | None = None,
 ) -> PrintOutcome:
     """Print the ticket's report once, within its allowance. Blocking: run it off the event loop."""
     started = time.monotonic()
@@ -92,7 +96,8 @@ def print_ticket_report(
         return PrintOutcome("printer_unavailable", audit_id)
     result: PrintResult
     try:
-        document = printer.render(build_page(report, clinic_name, link, clinic_phone), load_catalog(language))
+        exam = (texts or PatientTexts()).exam(report.exam, language)
+        document = printer.render(build_page(report, clinic_name, link, clinic_phone, exam), load_catalog(language))
         result = printer.submit(document)
     except Exception as exc:  # a broken report file or renderer bug: the patient goes to reception
         log.exception("kiosk: print for ticket %d failed while rendering", ticket_id)

@@ -16,6 +16,7 @@ from reportlab.platypus import Flowable, Frame
 from kiosk.fonts import page_fonts
 from kiosk.i18n import load_catalog
 from kiosk.page_text import paragraph, plain
+from kiosk.patient_texts import PatientTexts
 
 
 def group_code(code: str) -> str:
@@ -27,13 +28,14 @@ def render_slip(
     code: str,
     pin: str,
     clinic_name: str,
-    collect_at: str,
+    collect_at: str | dict[str, str],
     expires_at: dt.datetime | dt.date | None = None,
     language: str = "en",
 ) -> bytes:
     """One slip as PDF bytes. No patient name on it: a lost slip tells a finder nothing.
 
-    ``language`` picks the catalog for the words (en, zu, xh, af, st).
+    ``language`` picks the catalog for the words (en, zu, xh, af, st); ``collect_at`` is
+    ``[kiosk] collect_at`` ("" = the catalog's words, or one text per language).
     """
     t = load_catalog(language)
     regular, bold = page_fonts()
@@ -63,7 +65,8 @@ def render_slip(
     c.drawString(margin + 18 * mm, y - 2, " ".join(pin))
     y -= 6 * mm
     style = ParagraphStyle("slip", fontName=regular, fontSize=9, leading=11.5)
-    lines = [t("slip_how"), t("slip_collect", place=collect_at), t("slip_private")]
+    place = PatientTexts.of(collect_at).collect_place(language)
+    lines = [t("slip_how"), t("slip_collect", place=place), t("slip_private")]
     if expires_at is not None:
         day = expires_at.date() if isinstance(expires_at, dt.datetime) else expires_at
         lines.append(t("slip_expires", date=day.isoformat()))

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edge.config.patient_text import PatientText, english
+
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
 
 
@@ -95,7 +97,7 @@ class ConsoleSection(Section):
     http_keepalive_s: float = Field(default=15.0, gt=0, le=3600)
     http_max_connections: int = Field(default=128, ge=1, le=100_000)
     # The technician console (edge.console, edge.orders).
-    exams: list[str] = Field(default_factory=list)
+    exams: list[PatientText] = Field(default_factory=list)  # a name, or one per language (edge.config.patient_text)
     xray_modality: str = Field(default="DX", pattern=r"^[A-Z]{2,8}$")
     secure_cookies: bool = False
     # HTTPS for the console (edge.console.tls): PEM certificate and key; both "" = plain http.
@@ -110,11 +112,16 @@ class ConsoleSection(Section):
 
     @field_validator("exams")
     @classmethod
-    def _check_exams(cls, values: list[str]) -> list[str]:
+    def _check_exams(cls, values: list[str | dict[str, str]]) -> list[str | dict[str, str]]:
         for value in values:
-            if not value.strip() or len(value) > 64 or "\\" in value:
+            name = english(value)
+            if not name or len(name) > 64 or "\\" in name:
                 raise ValueError("each exam is 1 to 64 characters, without backslash")
-        return [v.strip() for v in values]
+        return values
+
+    def exam_names(self) -> list[str]:
+        """The exams' English names: what the technician picks and the worklist carries."""
+        return [english(value) for value in self.exams]
 
 
 class LoggingSection(Section):

@@ -454,7 +454,7 @@ async def audit(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application, config: EdgeConfig, wake_sync: Callable[[], None] | None = None) -> None:
     """The console's pages on the app that already serves /healthz and /metrics."""
-    app[CONSOLE] = ConsoleContext(config, exam_choices(list(config.console.exams), config.console.xray_modality),
+    app[CONSOLE] = ConsoleContext(config, exam_choices(config.console.exam_names(), config.console.xray_modality),
                                   wake_sync)
     shared.setup_templates(app, TEMPLATE_DIR, **pages.TEMPLATE_GLOBALS)
     app.middlewares.append(shared.security_headers())
