@@ -27,6 +27,11 @@ def stopped_node_with_one_instance(node_factory: Any, tmp_path: Path) -> tuple[E
     return node, ds
 
 
+def problems_besides_the_printer(status: str) -> list[str]:
+    """`edge status` PROBLEM lines; this machine's CUPS (no scheduler in a bare test box) is not the store's."""
+    return [line for line in status.splitlines() if line.startswith("PROBLEM") and "printer (" not in line]
+
+
 def test_spool_file_without_rows_is_indexed_and_queued_at_start(node_factory: Any, tmp_path: Path) -> None:
     # The power cut came after the rename into place but before the rows were committed.
     node = node_factory()
@@ -69,7 +74,7 @@ def test_file_put_back_clears_the_missing_flag(node_factory: Any, tmp_path: Path
     shutil.move(backup, kept)  # the engineer restores it from the SD card backup
     node.start()
     assert node.status()["store"]["files_missing"] == 0
-    assert "PROBLEM" not in edge_cli(node.config, "status").stdout
+    assert problems_besides_the_printer(edge_cli(node.config, "status").stdout) == []
 
 
 def test_evicted_instance_is_not_reported_missing(node_factory: Any, tmp_path: Path) -> None:
@@ -84,7 +89,7 @@ def test_evicted_instance_is_not_reported_missing(node_factory: Any, tmp_path: P
 
     node.start()
     assert node.status()["store"]["files_missing"] == 0
-    assert "PROBLEM" not in edge_cli(node.config, "status").stdout
+    assert problems_besides_the_printer(edge_cli(node.config, "status").stdout) == []
     assert "missing from the spool" not in node.log_text()
 
 
