@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -338,12 +338,14 @@ class DicomWebClient:
         study_uid: str | None = None,
         *,
         rate_limit_bps: int | None = None,
+        on_file_bytes: Callable[[int, int], None] | None = None,
     ) -> StowResult:
         """Upload Part 10 files in one multipart request, streamed from disk.
 
         ``study_uid`` posts to ``/studies/{study}`` so the server rejects instances of
         another study. ``rate_limit_bps`` caps this request on top of the client's
-        shared ``bandwidth``.
+        shared ``bandwidth``. ``on_file_bytes(index, sent)`` hears, on the loop, after each
+        chunk handed to the connection, how many bytes of ``files[index]`` are gone.
 
         Returns
         -------
@@ -379,7 +381,7 @@ class DicomWebClient:
             "Content-Length": str(total),
         }
         started = time.monotonic()
-        body = _multipart_body(paths, sizes, heads, separator, tail, pacers, progress)
+        body = _multipart_body(paths, sizes, heads, separator, tail, pacers, progress, on_file_bytes)
         try:
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                 # Cut short, an answer does not parse: ambiguous, and the QIDO-RS check decides.
@@ -723,6 +725,7 @@ async def _multipart_body(
     tail: bytes,
     pacers: Sequence[TokenBucket],
     progress: _BodyProgress,
+    on_file_bytes: Callable[[int, int], None] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The STOW-RS body, one chunk at a time, so a study is never held in memory.
 
@@ -752,6 +755,8 @@ async def _multipart_body(
                     raise progress.local_error
                 remaining -= len(chunk)
                 yield await emit(chunk)
+                if on_file_bytes is not None:
+                    on_file_bytes(index, size - remaining)
         finally:
             await asyncio.to_thread(handle.close)
     yield await emit(tail)

@@ -125,9 +125,25 @@ def claim_batch(
                 break
             items.append(item)
             total += item.size
-        Outbox.update(state=SyncState.SENDING, updated_at=now).where(Outbox.id.in_([i.outbox_id for i in items])).execute()
+        Outbox.update(state=SyncState.SENDING, updated_at=now, uploaded_bytes=0).where(
+            Outbox.id.in_([i.outbox_id for i in items])).execute()
         study_uid = Study.get_by_id(study_id).study_instance_uid
     return Batch(study_uid, tuple(items))
+
+
+def record_progress(gone: dict[int, int]) -> None:
+    """How much of each instance in a request under way has left the node, for the console's byte progress.
+
+    ``gone``: outbox id → bytes sent so far, counted in the instance's spool bytes (the
+    worker scales a compressed body back), so the console weighs every image by its size.
+    Only rows still ``sending`` change: a late write after the outcome touches nothing.
+    """
+    if not gone:
+        return
+    with write_transaction():
+        for outbox_id, nbytes in gone.items():
+            Outbox.update(uploaded_bytes=nbytes).where(
+                Outbox.id == outbox_id, Outbox.state == SyncState.SENDING).execute()
 
 
 def mark_synced(study_uid: str, uploaded: dict[int, int]) -> None:

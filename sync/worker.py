@@ -40,6 +40,7 @@ from sync.outbox import (
     mark_quarantined,
     mark_synced,
     next_attempt_at,
+    record_progress,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ PARK_AFTER_ATTEMPTS = 5
 NODE_LEVEL_STATUSES = frozenset({401, 403, 404, 405, 407})
 # An upload slower than this is taken as stalled (the server stopped reading) and retried.
 MIN_LINK_BYTES_PER_S = 8000
+# How often a request under way writes how far it got (one short write per slot): the console's byte progress.
+PROGRESS_EVERY_S = 1.0
 
 
 class CloudUnreachable(Exception):
@@ -252,9 +255,15 @@ class OutboxWorker:
         study = batch.study_instance_uid
         ids = [i.outbox_id for i in items]
         budget = self.settings_read_timeout_s + sum(p.upload_bytes for p in prepared) / MIN_LINK_BYTES_PER_S
+        sent = [0] * len(prepared)
+
+        def heard(index: int, nbytes: int) -> None:
+            sent[index] = nbytes
+
+        reporter = asyncio.create_task(self._report_progress(items, prepared, sent), name="outbox-progress")
         try:
             async with asyncio.timeout(budget):
-                result = await self.client.stow([p.path for p in prepared], study)
+                result = await self.client.stow([p.path for p in prepared], study, on_file_bytes=heard)
         except TimeoutError:
             stalled = DicomWebError(f"STOW-RS stalled: not done after {budget:.0f}s", transient=True, body_sent=True)
             await self._on_request_failed(batch, items, prepared, stalled)
@@ -265,7 +274,23 @@ class OutboxWorker:
         except OSError as exc:  # a local file vanished or changed under us
             await asyncio.to_thread(mark_failed, study, ids, f"local file error: {exc}", self.backoff_s(items[0].attempts + 1))
             return
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
         await self._record(batch, items, prepared, result)
+
+    async def _report_progress(self, items: Sequence[BatchItem], prepared: Sequence[PreparedUpload],
+                               sent: list[int]) -> None:
+        """Every PROGRESS_EVERY_S while the request runs: what has left of each instance, in its spool bytes."""
+        written: dict[int, int] = {}
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            gone = {item.outbox_id: item.size if n >= prep.upload_bytes else item.size * n // max(1, prep.upload_bytes)
+                    for item, prep, n in zip(items, prepared, sent) if n}
+            changed = {oid: n for oid, n in gone.items() if written.get(oid) != n}
+            if changed:
+                await asyncio.to_thread(record_progress, changed)
+                written.update(changed)
 
     async def _on_request_failed(
         self, batch: Batch, items: list[BatchItem], prepared: list[PreparedUpload], exc: DicomWebError

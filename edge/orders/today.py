@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from peewee import fn
+from peewee import Case, fn
 
 from edge.orders.tables import Order, StudyMatch, Visit
 from edge.store.const import ReportState, SyncState
@@ -21,7 +21,11 @@ class _Progress:
     states: set[SyncState] = field(default_factory=set)
     total_bytes: int = 0
     synced_bytes: int = 0
+    in_flight_bytes: int = 0  # of instances being sent: how much has left the node (sync.outbox.record_progress)
     instances: int = 0
+    sent: int = 0  # instances in the cloud, or whose every byte has left in the request under way
+    queued: int = 0  # pending or failed: waiting for a slot
+    sending: int = 0
     reason: str = ""
     report: ReportState = ReportState.NONE
 
@@ -38,16 +42,21 @@ class VisitRow:
     stat: bool
     ticket_code: str
     state: str  # waiting | received | uploading | in_cloud | report_ready | printed
-    percent: int
+    percent: int  # of the images' bytes: in the cloud, plus what has left the node in the request under way
     problem: str  # "" | failed | quarantined
     reason: str
     instances: int
     study_uids: tuple[str, ...]
+    sent: int = 0  # images in the cloud or wholly sent ("3 of 5 images")
+    queued: int = 0  # images waiting for an upload slot (pending or failed)
+    sending: int = 0  # images in a request under way
+    registered_at: dt.datetime | None = None  # UTC, when the order was made
 
     @property
     def signature(self) -> str:
         """Changes whenever what the row shows changes: the page refetches only such rows."""
-        return f"{self.state}|{self.percent}|{self.problem}|{int(self.stat)}|{self.instances}|{self.reason[:40]}"
+        return (f"{self.state}|{self.percent}|{self.problem}|{int(self.stat)}|{self.instances}|{self.sent}|"
+                f"{int(bool(self.queued))}{int(bool(self.sending))}|{int(bool(self.ticket_code))}|{self.reason[:40]}")
 
 
 def display_name(pn: str) -> str:
@@ -59,20 +68,31 @@ def _study_progress(study_ids: list[int]) -> dict[int, _Progress]:
     progress: dict[int, _Progress] = {sid: _Progress() for sid in study_ids}
     if not study_ids:
         return progress
+    # While sending, uploaded_bytes is how much of the instance has left, in its spool bytes (never over its size).
+    gone = fn.MIN(Outbox.uploaded_bytes, Instance.size)
     query = (
         Outbox.select(Instance.study, Outbox.state, fn.COUNT(Outbox.id), fn.COALESCE(fn.SUM(Instance.size), 0),
-                      fn.MAX(Outbox.last_error))
+                      fn.MAX(Outbox.last_error), fn.COALESCE(fn.SUM(gone), 0),
+                      fn.COALESCE(fn.SUM(Case(None, [(Outbox.uploaded_bytes >= Instance.size, 1)], 0)), 0))
         .join(Instance)
         .where(Instance.study.in_(study_ids))
         .group_by(Instance.study, Outbox.state)
     )
-    for study_id, state, count, size, error in rows(query, tuple[int, str, int, int, str | None]):
+    for study_id, state, count, size, error, left, whole in rows(
+            query, tuple[int, str, int, int, str | None, int, int]):
         p = progress[study_id]
         p.states.add(SyncState(state))
         p.instances += int(count)
         p.total_bytes += int(size)
         if state == SyncState.SYNCED:
             p.synced_bytes += int(size)
+            p.sent += int(count)
+        elif state == SyncState.SENDING:
+            p.in_flight_bytes += int(left)
+            p.sent += int(whole)
+            p.sending += int(count)
+        elif state in (SyncState.PENDING, SyncState.FAILED):
+            p.queued += int(count)
         if state in (SyncState.QUARANTINED, SyncState.FAILED) and error and (state == SyncState.QUARANTINED or not p.reason):
             p.reason = str(error)
     reports = Study.select(Study.id, Study.report_state).where(Study.id.in_(study_ids))
@@ -82,12 +102,16 @@ def _study_progress(study_ids: list[int]) -> dict[int, _Progress]:
 
 
 def _state(parts: list[_Progress]) -> tuple[str, int, str, str, int]:
-    """(state, percent, problem, reason, instances) of an order from its studies."""
+    """(state, percent, problem, reason, instances) of an order from its studies.
+
+    The percent counts bytes, not images: a 5-image study sent in one request moves while
+    the request runs (the worker records what has left, ``sync.outbox.record_progress``).
+    """
     if not parts or not any(p.instances for p in parts):
         return "waiting", 0, "", "", 0
     states = set().union(*(p.states for p in parts))
     total = sum(p.total_bytes for p in parts)
-    synced = sum(p.synced_bytes for p in parts)
+    synced = sum(p.synced_bytes + p.in_flight_bytes for p in parts)
     instances = sum(p.instances for p in parts)
     percent = int(100 * synced / total) if total else (100 if states == {SyncState.SYNCED} else 0)
     problem = next((s for s in (SyncState.QUARANTINED, SyncState.FAILED) if s in states), "")
@@ -111,11 +135,11 @@ def visits_for_day(day: dt.date | None = None) -> list[VisitRow]:
     key = (day or dt.date.today()).strftime("%Y%m%d")
     orders = list(rows(
         Order.select(Order.id, Order.accession_number, Visit.patient_name, Visit.patient_id, Order.exam,
-                     Order.modality, Order.scheduled_time, Order.stat, Order.ticket_code)
+                     Order.modality, Order.scheduled_time, Order.stat, Order.ticket_code, Order.created_at)
         .join(Visit)
         .where(Order.scheduled_date == key, Order.state != "cancelled")
         .order_by(Order.id.desc()),
-        tuple[int, str, str, str, str, str, str, bool, str],
+        tuple[int, str, str, str, str, str, str, bool, str, dt.datetime | str],
     ))
     ids = [o[0] for o in orders]
     studies: dict[int, list[tuple[int, str]]] = {}
@@ -125,14 +149,18 @@ def visits_for_day(day: dt.date | None = None) -> list[VisitRow]:
             studies.setdefault(order_id, []).append((study_id, uid))
     progress = _study_progress([sid for pairs in studies.values() for sid, _ in pairs])
     visits = []
-    for oid, accession, name, pid, exam, modality, time, stat, code in orders:
+    for oid, accession, name, pid, exam, modality, time, stat, code, created in orders:
         pairs = studies.get(oid, [])
-        state, percent, problem, reason, instances = _state([progress[sid] for sid, _ in pairs])
+        parts = [progress[sid] for sid, _ in pairs]
+        state, percent, problem, reason, instances = _state(parts)
         visits.append(VisitRow(
             order_id=oid, accession_number=accession, patient_name=display_name(name), patient_id=pid,
             exam=exam, modality=modality, registered=f"{time[:2]}:{time[2:4]}" if time else "",
             stat=bool(stat), ticket_code=code, state=state, percent=percent, problem=problem,
             reason=reason, instances=instances, study_uids=tuple(uid for _, uid in pairs),
+            sent=sum(p.sent for p in parts), queued=sum(p.queued for p in parts),
+            sending=sum(p.sending for p in parts),
+            registered_at=created if isinstance(created, dt.datetime) else dt.datetime.fromisoformat(str(created)),
         ))
     return visits
 
