@@ -12,9 +12,10 @@ TOKEN_KEY_NAME: Final = "film-key.pem"  # the node's Ed25519 private key (PEM, m
 CODE_DIGITS: Final = 10  # nine random digits and a Luhn check digit
 
 # One audit row per event; ``action`` says what was tried, ``outcome`` how it ended.
-AuditAction = Literal["issue", "lookup", "print", "reprint_allowed"]
+AuditAction = Literal["issue", "lookup", "print", "reprint_allowed", "reissue"]
 LOOKUP_OUTCOMES: Final = (
     "checking", "ready", "not_ready", "wrong_pin", "unknown_code", "bad_code", "locked", "throttled", "expired",
+    "revoked",  # the slip was replaced by a reissued one (the patient reads "expired": ask at reception)
 )
 PRINT_OUTCOMES: Final = ("printing", "printed", "failed", "limit_reached", "printer_unavailable", "amended_extra")
 # "amended_extra": beside the print that used the one extra an amended-after-printing report allows.

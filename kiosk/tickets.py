@@ -143,6 +143,43 @@ def issue_ticket(
     raise RuntimeError("could not find a free slip code")  # 1e9 codes: practically never
 
 
+def reissue_ticket(
+    accession_number: str,
+    patient_name: str,
+    exam: str,
+    *,
+    by: str,
+    pin_digits: int = 6,
+    valid_days: int = 90,
+) -> IssuedTicket:
+    """A patient lost the slip: every slip of the visit stops working now, and a new code + PIN is made.
+
+    The old slips are revoked (expired at once, audited ``reissue``/``revoked``) before the
+    new one exists, so no moment has two working slips. The new slip starts with its own
+    print allowance, like a first one.
+    """
+    now = utcnow()
+    with write_transaction():
+        old = list(Ticket.select(Ticket.id, Ticket.code).where(
+            Ticket.accession_number == accession_number.strip(), Ticket.expires_at > now))
+        for ticket in old:
+            Ticket.update(expires_at=now).where(Ticket.id == ticket.id).execute()
+            KioskAudit.create(action="reissue", outcome="revoked", code=ticket.code, ticket=ticket.id,
+                              client=by[:64], detail="a new slip was made for the visit", at=now)
+    issued = issue_ticket(accession_number, patient_name, exam, pin_digits=pin_digits, valid_days=valid_days)
+    with write_transaction():
+        new = Ticket.get(Ticket.code == issued.code)
+        KioskAudit.create(action="reissue", outcome="issued", code=issued.code, ticket=new.id, client=by[:64],
+                          detail="replaces " + (", ".join(f"ticket {t.id}" for t in old) or "no working slip"))
+    log.info("kiosk: ticket %d reissued by %s (revoked: %s)", new.id, by, ",".join(str(t.id) for t in old) or "none")
+    return issued
+
+
+def _revoked(ticket_id: int) -> bool:
+    return KioskAudit.select().where(KioskAudit.ticket == ticket_id, KioskAudit.action == "reissue",
+                                     KioskAudit.outcome == "revoked").exists()
+
+
 # ---------------------------------------------------------------------- lookup
 
 
@@ -206,9 +243,10 @@ def look_up(code_text: str, pin: str, client: str, settings: GuardSettings, data
     if not matched or ticket is None:  # the dummy hash matches no PIN
         return _wrong_pin(claim, code, client, settings)
     now = utcnow()
-    if ticket.expires_at <= now:
-        _finish_lookup(claim, code, "expired")
-        log.info("kiosk: lookup from %s: expired (ticket %d)", client, ticket.id)
+    if ticket.expires_at <= now:  # a revoked slip reads the same to the patient: "ask at reception"
+        why = "revoked" if _revoked(ticket.id) else "expired"
+        _finish_lookup(claim, code, why)
+        log.info("kiosk: lookup from %s: %s (ticket %d)", client, why, ticket.id)
         return Lookup("expired", ticket.id)
     study = _study_for(ticket.accession_number)
     ready = study is not None and current_report(

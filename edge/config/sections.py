@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,6 +30,16 @@ class NodeSection(Section):
     id: str = Field(default="clinic-0001", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     name: str = Field(default="Example Clinic", min_length=1, max_length=64)
     phone: str = Field(default="", max_length=32)  # printed on the report page for the patient's questions
+    timezone: str = "Africa/Johannesburg"  # the clinic's: every time a page shows is in it (IANA name)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone name such as \"Africa/Johannesburg\"") from None
+        return value
 
 
 class DicomSection(Section):

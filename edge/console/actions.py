@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from edge.orders.register import set_ticket
 from edge.orders.tables import Order, StudyMatch, audit
 from edge.store.db import write_transaction
 from edge.store.models import Study
 from edge.store.rows import rows
 from firmware_bridge.boxes import arm_box
-from kiosk.tickets import allow_reprint
+from kiosk.tickets import IssuedTicket, allow_reprint, reissue_ticket
 from sync import outbox
 from sync.reports import check_now
 
@@ -99,6 +100,21 @@ def reprint(order_id: int, by: str, client: str = "") -> None:
     allow_reprint(order.ticket_code, by=by)
     with write_transaction():
         audit(by, "allow_reprint", order, "one more print at the kiosk", client)
+
+
+def reissue_slip(order_id: int, by: str, *, pin_digits: int, valid_days: int, client: str = "") -> IssuedTicket:
+    """A patient lost the slip: a new code + PIN for the same visit (the same order and accession); the old slip stops now."""
+    order = _order(order_id)
+    visit = order.visit
+    old_code = order.ticket_code
+    ticket = reissue_ticket(order.accession_number, visit.patient_name.replace("^", " "), order.exam, by=by,
+                            pin_digits=pin_digits, valid_days=valid_days)
+    set_ticket(order_id, ticket.code)
+    with write_transaction():
+        audit(by, "reissue_slip", order, "new slip code and PIN; the old slip no longer works" if old_code
+              else "new slip code and PIN (the visit had none)", client)
+    log.info("console: order %d: slip reissued by %s", order_id, by)
+    return ticket
 
 
 def arm(box_id: str, order_id: int, by: str, client: str = "") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
 
 from edge.orders.today import UnmatchedStudy, VisitRow
 
@@ -50,6 +51,14 @@ ERRORS = {
     "bad_role": "The role must be technician or admin.",
     "user_exists": "A user with that name already exists.",
     "no_user": "There is no user with that name.",
+    # A button's POST when its rule (edge.console.buttons) says it cannot act any more (the row changed meanwhile).
+    "cannot_stat": "Mark STAT does nothing now: the visit's images are all in the cloud, or it is STAT already.",
+    "cannot_send_now": "Send now does nothing now: nothing of that visit waits to be sent, or it is being sent.",
+    "cannot_retry": "Nothing of that visit is stuck: there is nothing to retry.",
+    "cannot_check_report": "Checking for the report works once all the visit's images are in the cloud "
+                           "(and for the days the node watches for reports).",
+    "cannot_reprint": "Allow reprint is for a report already printed at the kiosk: until then the patient "
+                      "has every print left. A patient without the slip needs 'Reissue slip'.",
 }
 
 
@@ -83,14 +92,62 @@ def steps(row: VisitRow) -> list[Step]:
     for i, (name, label) in enumerate(STEPS):
         progress = "done" if i < current else "now" if i == current else "todo"
         if name == "uploading" and row.state == "uploading":
-            label = f"Uploading {row.percent}%"
+            label = upload_progress(row)
         shown.append(Step(name, label, progress))
     return shown
 
 
-def received_text(study: UnmatchedStudy) -> str:
-    """When an unmatched study arrived, in the node's local time."""
-    return study.received_at.replace(tzinfo=dt.UTC).astimezone().strftime("%d %b %H:%M")
+def upload_progress(row: VisitRow) -> str:
+    """ "Uploading 3 of 5 images, 61 %": images in the cloud (or wholly sent), and the bytes that have left."""
+    images = "image" if row.instances == 1 else "images"
+    return f"Uploading {row.sent} of {row.instances} {images}, {row.percent} %"
+
+
+class ClinicClock:
+    """Times as the clinic reads them: in the node's time zone ([node] timezone), "2 Dec 2026 14:05".
+
+    The store keeps naive UTC; every time a page shows goes through here.
+    """
+
+    def __init__(self, zone: ZoneInfo) -> None:
+        self.zone = zone
+
+    def local(self, at: dt.datetime | str) -> dt.datetime:
+        moment = at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(str(at).removesuffix("Z"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+        return moment.astimezone(self.zone)
+
+    def when(self, at: dt.datetime | str) -> str:
+        """Day, month, year and time: the Audit page, the registered page."""
+        moment = self.local(at)
+        return f"{moment.day} {moment:%b %Y %H:%M}"
+
+    def stamp(self, at: dt.datetime | str) -> str:
+        """As ``when`` with the seconds: the Audit page, where the order of events matters."""
+        moment = self.local(at)
+        return f"{moment.day} {moment:%b %Y %H:%M:%S}"
+
+    def zone_name(self) -> str:
+        """What the clinic calls its zone now ("SAST"), else the IANA name."""
+        return dt.datetime.now(self.zone).tzname() or str(self.zone)
+
+    def clock(self, at: dt.datetime | str) -> str:
+        """The time of day, for today's rows."""
+        return f"{self.local(at):%H:%M}"
+
+    def day(self, at: dt.datetime | str) -> str:
+        moment = self.local(at)
+        return f"{moment.day} {moment:%b %Y}"
+
+    def received_text(self, study: UnmatchedStudy) -> str:
+        """When an unmatched study arrived."""
+        moment = self.local(study.received_at)
+        return f"{moment.day} {moment:%b %H:%M}"
+
+    def template_globals(self) -> dict[str, Any]:
+        return {"when": self.when, "local_clock": self.clock, "local_day": self.day,
+                "received_text": self.received_text, "audit_stamp": self.stamp, "zone_name": self.zone_name}
 
 
 class BoxView(NamedTuple):
@@ -125,12 +182,9 @@ AUDIT_ACTIONS = (  # what the technician reads under the Audit page's title, for
     ("worklist_refused", "a worklist query was turned away, with why: a device that is not one of this clinic's "
                          "modalities gets no patients; repeats from the same device within a minute share one line "
                          "with their count"),
+    ("reissue_slip", "a patient lost the slip: a new slip code and PIN for the same visit; the old slip stopped "
+                     "working at that moment"),
 )
-
-
-def when(at: str) -> str:
-    """``2026-12-01T22:32:09Z`` as ``2026-12-01 22:32:09``: the column already says UTC."""
-    return at.replace("T", " ").removesuffix("Z")
 
 
 def next_step(modality: str) -> str:
@@ -140,6 +194,6 @@ def next_step(modality: str) -> str:
 
 
 TEMPLATE_GLOBALS: dict[str, Any] = {
-    "steps": steps, "received_text": received_text, "box_view": box_view, "user_state": user_state,
-    "when": when, "next_step": next_step, "LANG_NAMES": LANG_NAMES, "SEXES": SEXES, "AUDIT_ACTIONS": AUDIT_ACTIONS,
+    "steps": steps, "box_view": box_view, "user_state": user_state, "next_step": next_step,
+    "LANG_NAMES": LANG_NAMES, "SEXES": SEXES, "AUDIT_ACTIONS": AUDIT_ACTIONS,
 }

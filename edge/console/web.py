@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from edge.node.config import EdgeConfig
 from edge import web as shared
-from edge.console import accounts, actions, pages
+from edge.console import accounts, actions, buttons, pages
 from edge.console.accounts import SessionInfo
 from edge.console.report_notes import ReportNote, report_notes
 from edge.orders.matching import AssignError, assign_study
@@ -58,6 +59,9 @@ class Slip:
     pin: str
     pdf: bytes
     expires: float
+    reissued: bool = False
+    issued_at: dt.datetime | None = None  # UTC
+    valid_until: dt.datetime | None = None  # UTC
 
 
 @dataclass
@@ -278,7 +282,8 @@ def _register(ctx: ConsoleContext, form: Registration, language: str, by: str, c
                               pin_digits=cfg.kiosk.pin_digits, valid_days=cfg.kiosk.ticket_valid_days)
         set_ticket(order.id, ticket.code)
         pdf = render_slip(ticket.code, ticket.pin, cfg.node.name, cfg.kiosk.collect_at, ticket.expires_at, language)
-        ctx.slips[order.id] = Slip(session_id, ticket.code, ticket.pin, pdf, time.monotonic() + SLIP_KEEP_S)
+        ctx.slips[order.id] = Slip(session_id, ticket.code, ticket.pin, pdf, time.monotonic() + SLIP_KEEP_S,
+                                   issued_at=order.created_at, valid_until=ticket.expires_at)
     except Exception:  # the visit stands; the technician sees that no slip was made
         log.exception("console: order %d registered but its kiosk slip failed", order.id)
     return int(order.id)
@@ -318,14 +323,34 @@ async def registered(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text="No such visit.\n")
     slip = ctx.slip(order_id, session.session_id)
     return _page("registered.html", request, row=row, code=slip.code if slip else "", pin=slip.pin if slip else "",
-                 modality=modality)
+                 modality=modality, reissued=slip.reissued if slip else False,
+                 valid_until=slip.valid_until if slip else None)
+
+
+async def reissue_form(request: web.Request) -> web.StreamResponse:
+    """The confirmation before a new slip: the old one stops working, so it is a deliberate step."""
+    ctx = _ctx(request)
+    row, _ = await asyncio.to_thread(_order_row, int(request.match_info["order_id"]))
+    if row is None:
+        raise web.HTTPNotFound(text="No such visit.\n")
+    return _page("reissue.html", request, row=row, languages=ctx.config.kiosk.languages)
+
+
+def _reissue(ctx: ConsoleContext, order_id: int, language: str, by: str, client: str, session_id: int) -> None:
+    cfg = ctx.config
+    ticket = actions.reissue_slip(order_id, by, pin_digits=cfg.kiosk.pin_digits, valid_days=cfg.kiosk.ticket_valid_days,
+                                  client=client)
+    pdf = render_slip(ticket.code, ticket.pin, cfg.node.name, cfg.kiosk.collect_at, ticket.expires_at, language)
+    ctx.slips[order_id] = Slip(session_id, ticket.code, ticket.pin, pdf, time.monotonic() + SLIP_KEEP_S,
+                               reissued=True, issued_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+                               valid_until=ticket.expires_at)
 
 
 async def slip_pdf(request: web.Request) -> web.StreamResponse:
     slip = _ctx(request).slip(int(request.match_info["order_id"]), _session(request).session_id)
     if slip is None:
         raise web.HTTPNotFound(text="The slip can be opened only for a short while after registering, by the "
-                                    "same login. Use 'Allow reprint' for a report; register again for a new slip.\n")
+                                    "same login. A patient who lost the slip gets a new one with 'Reissue slip' on the Today page.\n")
     return web.Response(body=slip.pdf, content_type="application/pdf",
                         headers={"Content-Disposition": 'inline; filename="slip.pdf"'})
 
@@ -338,7 +363,21 @@ async def visit_action(request: web.Request) -> web.StreamResponse:
     order_id = int(request.match_info["order_id"])
     action = request.match_info["action"]
     client = _client(request)
+    row, _ = await asyncio.to_thread(_order_row, order_id)
+    if row is None:
+        raise _error_redirect("/", "no_visit")
+    note = (await asyncio.to_thread(_notes, ctx.config, [row])).get(order_id) if action == "check-report" else None
+    if not buttons.can_act(action, row, note):  # the page was older than the row: say so, do nothing
+        log.info("console: %s on order %d by %s refused: it cannot act now (%s)", action, order_id, session.user,
+                 row.state)
+        raise _error_redirect("/", f"cannot_{action.replace('-', '_')}")
     try:
+        if action == "reissue":
+            data = await request.post()
+            wanted = str(data.get("language", ""))
+            language = wanted if wanted in ctx.config.kiosk.languages else ctx.config.kiosk.languages[0]
+            await asyncio.to_thread(_reissue, ctx, order_id, language, session.user, client, session.session_id)
+            raise web.HTTPSeeOther(f"/visits/{order_id}/registered")
         if action == "stat":
             await asyncio.to_thread(actions.mark_stat, order_id, session.user, client)
             msg = "stat"
@@ -441,7 +480,7 @@ async def users_unlock(request: web.Request) -> web.StreamResponse:
 
 def _audit_rows(limit: int = 300) -> list[dict[str, Any]]:
     return [
-        {"at": a.at.isoformat(timespec="seconds") + "Z", "user": a.user, "action": a.action,
+        {"at": a.at, "at_utc": a.at.isoformat(timespec="seconds") + "Z", "user": a.user, "action": a.action,
          "accession_number": a.accession_number, "detail": a.detail, "client": a.client}
         for a in Audit.select().order_by(Audit.id.desc()).limit(limit)
     ]
@@ -456,7 +495,8 @@ def add_routes(app: web.Application, config: EdgeConfig, wake_sync: Callable[[],
     """The console's pages on the app that already serves /healthz and /metrics."""
     app[CONSOLE] = ConsoleContext(config, exam_choices(config.console.exam_names(), config.console.xray_modality),
                                   wake_sync)
-    shared.setup_templates(app, TEMPLATE_DIR, **pages.TEMPLATE_GLOBALS)
+    shared.setup_templates(app, TEMPLATE_DIR, **pages.TEMPLATE_GLOBALS, **buttons.TEMPLATE_GLOBALS,
+                           **pages.ClinicClock(ZoneInfo(config.node.timezone)).template_globals())
     app.middlewares.append(shared.security_headers())
     app.middlewares.append(guard)
     r = app.router
@@ -470,7 +510,8 @@ def add_routes(app: web.Application, config: EdgeConfig, wake_sync: Callable[[],
     r.add_post("/register", register)
     r.add_get(r"/visits/{order_id:\d+}/registered", registered)
     r.add_get(r"/visits/{order_id:\d+}/slip.pdf", slip_pdf)
-    r.add_post(r"/visits/{order_id:\d+}/{action:stat|send-now|retry|reprint|check-report}", visit_action)
+    r.add_get(r"/visits/{order_id:\d+}/reissue", reissue_form)
+    r.add_post(r"/visits/{order_id:\d+}/{action:stat|send-now|retry|reprint|check-report|reissue}", visit_action)
     r.add_post("/assign", assign)
     r.add_post("/ecg/arm", arm_box)
     r.add_get("/users", users)

@@ -87,7 +87,7 @@ def validate(form: Registration, choices: list[ExamChoice], today: dt.date | Non
         try:
             born = dt.date.fromisoformat(form.birth_date.strip())
         except ValueError:
-            errors["birth_date"] = "The date of birth is not a date."
+            errors["birth_date"] = "The date of birth is not a date: write it as YYYY-MM-DD, e.g. 1980-01-31."
         else:
             if born > today or born.year < today.year - 130:
                 errors["birth_date"] = "The date of birth cannot be in the future or over 130 years ago."

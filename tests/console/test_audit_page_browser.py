@@ -6,6 +6,7 @@ why it was refused and how often — and the page's own words say worklist queri
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from pathlib import Path
@@ -41,13 +42,19 @@ def test_the_audit_page_shows_worklist_queries_readably(cnode: EdgeNode, page: A
     intro = page.locator("section.card p.muted").first.inner_text()
     assert "worklist" in intro and "refused" in intro  # the page says worklist queries are on it
     assert [h.strip() for h in page.locator("thead th").all_inner_texts()] == [
-        "When (UTC)", "Who", "Action", "Accession", "Detail", "From"]
+        "When (SAST)", "Who", "Action", "Accession", "Detail", "From"]  # [node] timezone: Africa/Johannesburg
     stranger, dr = rows[0], rows[1]  # newest first
     assert stranger[1:3] == ["ANYTHING", "worklist_refused"] and stranger[5] == "127.0.0.1"
     assert "match no configured modality" in stranger[4] and "3 times" in stranger[4]
     assert dr[1:3] == ["DR", "worklist"] and dr[4] == "answered 1 item(s)" and dr[5] == "127.0.0.1"
+    stamps = page.locator("tbody tr td:first-child time")
+    for index, row in enumerate(rows):
+        assert re.fullmatch(r"\d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d", row[0]), row[0]  # "2 Dec 2026 14:05:09"
+    for index in range(stamps.count()):  # the clinic's time: the UTC instant (the datetime attribute) two hours on
+        utc = dt.datetime.fromisoformat(stamps.nth(index).get_attribute("datetime").removesuffix("Z"))
+        assert stamps.nth(index).inner_text() == f"{(utc + dt.timedelta(hours=2)).day} " \
+                                                   f"{utc + dt.timedelta(hours=2):%b %Y %H:%M:%S}"
     for row in rows:
-        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[0]), row[0]  # no ISO "T…Z" for a technician
         assert "Dlamini" not in row[4] and "8001015009087" not in row[4]  # no patient in the audit's words
     legend = page.locator("ul.legend").inner_text()
     assert "worklist_refused" in legend and "within a minute" in legend
