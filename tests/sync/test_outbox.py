@@ -326,7 +326,7 @@ def test_the_readers_report_comes_back_to_the_node(node_factory: Any, orthanc: O
 
     node = node_factory(
         command=("run",), cloud={"dicomweb_url": orthanc.dicomweb_url}, sync=FAST_SYNC,
-        reports={"poll_interval_s": 0.5, "min_backoff_s": 0.5, "max_backoff_s": 1.0},
+        reports={"poll_interval_s": 1.0, "min_backoff_s": 0.5, "max_backoff_s": 1.0},
     ).start()
     files = dx_series(tmp_path / "a", 1)
     assert node.storescu(*files).returncode == 0
@@ -334,8 +334,10 @@ def test_the_readers_report_comes_back_to_the_node(node_factory: Any, orthanc: O
     assert node.studies()[0]["report_state"] == "none"
 
     report = make_text_sr(tmp_path / "sr.dcm", dcmread(files[0]), text="Right lower lobe consolidation.")
-    orthanc.upload(tmp_path / "sr.dcm")  # the remote reader signs the report
-    wait_until(lambda: node.studies()[0]["report_state"] == "ready", what="report ready")
+    report.VerificationFlag = "VERIFIED"  # the remote reader signs the report (only a verified one is ready)
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    orthanc.upload(tmp_path / "sr.dcm")
+    wait_until(lambda: node.studies()[0]["report_state"] == "ready", what="report ready", detail=lambda: node.log_text()[-3000:])
     kept = list((node.data_dir / "reports").rglob("*.dcm"))
     assert [dcmread(p).SOPInstanceUID for p in kept] == [report.SOPInstanceUID]
     assert "ready" in edge_cli(node.config, "studies").stdout
