@@ -8,6 +8,7 @@ only in POST bodies, and the server keeps it in a session the idle timeout forge
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import ipaddress
 import logging
@@ -26,6 +27,7 @@ from edge.service import BackgroundTasks, ServiceSetupError
 from kiosk import metrics, pages
 from kiosk.const import PrinterState
 from kiosk.i18n import load_catalog
+from kiosk.patient_texts import PatientTexts
 from kiosk.printing import CupsPrinter, EscposPrinter, PrinterBackend
 from kiosk.printjob import FilmLink, build_page, print_ticket_report
 from kiosk.sessions import COOKIE, KioskSession, SessionStore
@@ -50,6 +52,7 @@ class KioskContext:
     printer: PrinterBackend
     guard: GuardSettings
     link: FilmLink
+    texts: PatientTexts
     printer_state: PrinterState = "unknown"
 
 
@@ -84,6 +87,7 @@ def make_context(config: EdgeConfig) -> KioskContext:
         printer=make_printer(config),
         guard=guard_settings(config),
         link=FilmLink(k.viewer_url_template, key, config.node.id, k.token_days),
+        texts=PatientTexts.from_config(config),
     )
 
 
@@ -101,7 +105,9 @@ def _session(request: web.Request) -> KioskSession | None:
 def _frame(request: web.Request, session: KioskSession | None) -> pages.Frame:
     ctx = _ctx(request)
     language = session.language if session else ctx.config.kiosk.languages[0]
-    return pages.Frame(load_catalog(language), ctx.config.node.name, ctx.config.kiosk.idle_timeout_s)
+    k = ctx.config.kiosk
+    warning = min(k.idle_warning_s, k.idle_timeout_s / 2)  # a short idle timeout keeps half its time uncounted
+    return pages.Frame(load_catalog(language), ctx.config.node.name, k.idle_timeout_s, warning)
 
 
 def _page(request: web.Request, frame: pages.Frame, template: str, page: str, title: str, home: bool = True,
@@ -155,8 +161,9 @@ def screen_only(allowed_clients: Sequence[str]) -> Middleware:
 async def start(request: web.Request) -> web.StreamResponse:
     ctx = _ctx(request)
     ctx.sessions.drop(request.cookies.get(COOKIE))
-    frame = _frame(request, None)
-    response = _page(request, frame, "languages.html", "language", frame.t("welcome"), home=False,
+    frame = dataclasses.replace(_frame(request, None), warning_s=0)  # nobody's report to keep: no countdown
+    # Nobody has chosen yet: the screen speaks every configured language, each in its own words.
+    response = _page(request, frame, "languages.html", "language", ctx.config.node.name, home=False,
                      choices=pages.language_choices(ctx.config.kiosk.languages))
     response.del_cookie(COOKIE)
     return response
@@ -298,7 +305,8 @@ async def report_screen(request: web.Request) -> web.StreamResponse:
     pdf_pages = await asyncio.to_thread(_pdf_pages, report.report.pdf_path) if report.report.kind == "pdf" else 0
     ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
     frame = _frame(request, session)
-    view = build_page(report, ctx.config.node.name, None, ctx.config.node.phone)
+    view = build_page(report, ctx.config.node.name, None, ctx.config.node.phone,
+                      ctx.texts.exam(report.exam, session.language))
     return _page(
         request, frame, "report.html", "report", frame.t("report_ready"), facts=view.facts(frame.t),
         amended=view.amended_text(frame.t), amended_extra=report.amended_extra and report.prints_left > 0,
@@ -315,7 +323,7 @@ async def print_pressed(request: web.Request) -> web.StreamResponse:
     k = ctx.config
     outcome = await asyncio.to_thread(
         print_ticket_report, session.ticket_id, _client(request), session.language, ctx.printer, ctx.guard,
-        k.data_dir, k.node.name, ctx.link, k.node.phone,
+        k.data_dir, k.node.name, ctx.link, k.node.phone, ctx.texts,
     )
     t = load_catalog(session.language)
     if outcome.outcome == "printed":
@@ -345,7 +353,7 @@ async def printing_screen(request: web.Request) -> web.StreamResponse:
         ctx.printer_state = await asyncio.to_thread(ctx.printer.state)
         return _message(request, frame, "printer-problem", frame.t("ask_reception"), frame.t("printer_problem"))
     session.job = ""
-    return _message(request, frame, "printed", frame.t("printed"), frame.t("printed"), "check", good=True)
+    return _message(request, frame, "printed", frame.t("printed_title"), frame.t("printed"), "check", good=True)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -106,6 +106,40 @@ def cmd_rotate_key(config: EdgeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_catalog_check(config: EdgeConfig, args: argparse.Namespace) -> int:
+    """What a clinic's reviewer needs: per language, the drafts still to read, and what is broken.
+
+    Missing keys, keys English does not have and changed {placeholders} are errors (exit 1): the
+    kiosk would show English, or fail to fill a message. Drafts are not errors: they are the list
+    of messages a native speaker has yet to confirm. The clinic's own texts in edge.toml
+    (collect_at, exam names) that lack a kiosk language are listed too.
+    """
+    from kiosk.i18n import CATALOG_DIR, SOURCE_LANGUAGE, check_catalog
+    from kiosk.patient_texts import PatientTexts
+
+    languages = args.lang or [lang for lang in config.kiosk.languages if lang != SOURCE_LANGUAGE]
+    files = [Path(f) for f in args.file] or [CATALOG_DIR / f"{lang}.toml" for lang in languages]
+    broken = 0
+    for path in files:
+        report = check_catalog(path)
+        p = printable
+        print(f"{p(report.language)} ({p(path)}): {report.total} messages, {len(report.drafts)} drafts to review, "
+              f"{len(report.missing)} missing, {len(report.unknown)} unknown, {len(report.bad_placeholders)} with "
+              f"changed placeholders" + (f", unreadable: {p(report.error)}" if report.error else ""))
+        for label, keys in (("missing (the kiosk shows English)", report.missing),
+                            ("unknown to en.toml (misspelt?)", report.unknown),
+                            ("placeholders differ from en.toml", report.bad_placeholders)):
+            for key in keys:
+                print(f"  {label}: {p(key)}")
+        if args.drafts:
+            for key in report.drafts:
+                print(f"  draft: {p(key)} = {p(report.texts.get(key, ''))}")
+        broken += bool(report.missing or report.unknown or report.bad_placeholders or report.error)
+    for line in PatientTexts.from_config(config).untranslated(list(config.kiosk.languages)):
+        print(f"edge.toml {printable(line)}")
+    return 1 if broken else 0
+
+
 def add_commands(sub: Any) -> None:
     kiosk = sub.add_parser("kiosk", help="patient kiosk: reprints, slips, audit log")
     ksub = kiosk.add_subparsers(dest="kiosk_command", required=True, metavar="KIOSK_COMMAND")
@@ -131,3 +165,11 @@ def add_commands(sub: Any) -> None:
     public.set_defaults(func=cmd_public_key)
     rotate = ksub.add_parser("rotate-key", help="make a new film-link signing key (new QR tokens use it); prints its public key")
     rotate.set_defaults(func=cmd_rotate_key)
+    check = ksub.add_parser("catalog-check", help="the kiosk's translations: drafts to review, missing or unknown "
+                                                  "messages (exit 1 when a catalog is broken)")
+    check.add_argument("--lang", action="append", choices=("zu", "xh", "af", "st", "en"),
+                       help="only this language (repeatable); default: every kiosk language but English")
+    check.add_argument("--file", action="append", default=[], metavar="PATH",
+                       help="check this catalog file instead (a corrected copy before it is installed)")
+    check.add_argument("--drafts", action="store_true", help="also print each draft message's text")
+    check.set_defaults(func=cmd_catalog_check)

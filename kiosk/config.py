@@ -78,6 +78,4 @@ class KioskSection(Section):
             raise ValueError("languages: list at least one of en, zu, xh, af, st")
         if len(set(self.languages)) != len(self.languages):
             raise ValueError("languages: each language once")
-        if self.idle_warning_s >= self.idle_timeout_s:
-            raise ValueError("idle_warning_s: must be shorter than idle_timeout_s (0 = no countdown)")
         return self

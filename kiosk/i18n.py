@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import string
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CATALOG_DIR = Path(__file__).with_name("catalogs")
@@ -58,3 +58,48 @@ def load_catalog(language: str) -> Catalog:
     meta = data.get("meta", {})
     return Catalog(language=language, name=str(meta.get("name", language)), messages=messages,
                    needs_review=frozenset(review))
+
+
+@dataclass
+class CatalogCheck:
+    """One catalog file against the English one (``edge kiosk catalog-check``)."""
+
+    language: str
+    total: int = 0
+    drafts: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    bad_placeholders: list[str] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+
+def check_catalog(path: Path) -> CatalogCheck:
+    """Read ``path`` as a catalog and compare it with en.toml; never raises for a bad file."""
+    english = load_catalog(SOURCE_LANGUAGE).messages
+    report = CatalogCheck(language=path.stem)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        report.error = str(exc)
+        return report
+    report.language = str(data.get("meta", {}).get("language", path.stem))
+    for key, value in data.get("messages", {}).items():
+        text = value.get("text") if isinstance(value, dict) else value
+        if not isinstance(text, str) or not text.strip():
+            report.missing.append(key)
+            continue
+        report.texts[key] = text
+        if isinstance(value, dict) and value.get("review"):
+            report.drafts.append(key)
+    report.total = len(report.texts)
+    report.missing += sorted(set(english) - set(report.texts) - set(report.missing))
+    report.unknown = sorted(set(report.texts) - set(english))
+    for key, text in report.texts.items():
+        try:
+            wrong = key in english and placeholders(text) != placeholders(english[key])
+        except ValueError:  # an unbalanced { or }
+            wrong = True
+        if wrong:
+            report.bad_placeholders.append(key)
+    return report

@@ -21,5 +21,8 @@ _PATHS = {
     "warning": '<path d="M12 3l10 18H2z"/><path d="M12 10v5M12 18v.5"/>',
     "back": '<path d="M21 6H9l-6 6 6 6h12z"/><path d="M12 10l4 4M16 10l-4 4"/>',
     "next": '<path d="M5 12h14M13 6l6 6-6 6"/>',
+    "eye": '<path d="M2 12s4-7 10-7 10 7 10 7-4 7-10 7S2 12 2 12z"/><circle cx="12" cy="12" r="3"/>',
+    "eye-off": '<path d="M2 12s4-7 10-7 10 7 10 7-4 7-10 7S2 12 2 12z"/><path d="M4 4l16 16"/>',
+    "hand": '<path d="M8 13V5a2 2 0 0 1 4 0v6M12 11V4a2 2 0 0 1 4 0v7M16 11V6a2 2 0 0 1 4 0v8a7 7 0 0 1-14 0v-2a2 2 0 0 1 2-2"/>',
 }
 ICON_PATHS: dict[str, Markup] = {name: Markup(path) for name, path in _PATHS.items()}

@@ -22,11 +22,22 @@ class Frame:
     t: Catalog
     clinic_name: str
     idle_s: float
+    warning_s: float = 0.0  # the "touch to stay" countdown's length ([kiosk] idle_warning_s)
 
     def context(self, page: str, title: str, home: bool = True) -> dict[str, Any]:
         """The layout's values for one screen."""
+        before, after = countdown_words(self.t)
         return {"t": self.t, "clinic": self.clinic_name, "idle": int(self.idle_s), "page": page, "title": title,
-                "home": home}
+                "home": home, "warning": int(self.warning_s), "countdown_before": before, "countdown_after": after}
+
+
+_MARK = "\x00"
+
+
+def countdown_words(t: Catalog) -> tuple[str, str]:
+    """The countdown sentence around its number, which kiosk.js counts down in between."""
+    before, _, after = t("idle_countdown", seconds=_MARK).partition(_MARK)
+    return before, after
 
 
 def language_choices(languages: Sequence[str]) -> list[tuple[str, Catalog]]:

@@ -1,14 +1,29 @@
-// Patient kiosk: on-screen keypad, scanner focus, and the idle timeout back to the start.
+// Patient kiosk: on-screen keypad, scanner focus, and the idle timeout back to the start,
+// with a countdown before it ("touch the screen to stay") so a slow reader is not cut off.
 (function () {
   "use strict";
-  var idle = Number(document.body.dataset.idle || 60) * 1000;
-  var timer = null;
-  function reset() {
-    if (timer) clearTimeout(timer);
-    timer = setTimeout(function () { window.location.replace("/reset"); }, idle);
+  var body = document.body;
+  var idle = Number(body.dataset.idle || 60) * 1000;
+  var warning = Math.min(Number(body.dataset.warning || 0) * 1000, idle);
+  var overlay = document.getElementById("idle-warning");
+  var seconds = document.getElementById("idle-seconds");
+  var resetAt = 0, ticker = null;
+  function leave() { window.location.replace("/reset"); }
+  function tick() {
+    var left = resetAt - Date.now();
+    if (left <= 0) { clearInterval(ticker); leave(); return; }
+    if (overlay && warning > 0 && left <= warning) {
+      if (overlay.hidden) { overlay.hidden = false; body.dataset.countdown = "on"; }
+      if (seconds) seconds.textContent = String(Math.ceil(left / 1000));
+    }
   }
-  ["pointerdown", "keydown", "input"].forEach(function (e) { document.addEventListener(e, reset, true); });
-  reset();
+  function stay() {
+    resetAt = Date.now() + idle;
+    if (overlay && !overlay.hidden) { overlay.hidden = true; delete body.dataset.countdown; }
+  }
+  ["pointerdown", "keydown", "input"].forEach(function (e) { document.addEventListener(e, stay, true); });
+  stay();
+  ticker = setInterval(tick, 250);
   var field = document.querySelector("input.field");
   if (!field) return;
   field.focus();
