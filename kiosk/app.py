@@ -27,7 +27,7 @@ from edge.service import BackgroundTasks, ServiceSetupError
 from kiosk import metrics, pages
 from kiosk.const import PrinterState
 from kiosk.i18n import load_catalog
-from kiosk.patient_texts import PatientTexts
+from kiosk.patient_texts import PatientTexts, report_headings
 from kiosk.printing import CupsPrinter, EscposPrinter, PrinterBackend
 from kiosk.printjob import FilmLink, build_page, print_ticket_report
 from kiosk.sessions import COOKIE, KioskSession, SessionStore
@@ -310,7 +310,7 @@ async def report_screen(request: web.Request) -> web.StreamResponse:
     return _page(
         request, frame, "report.html", "report", frame.t("report_ready"), facts=view.facts(frame.t),
         amended=view.amended_text(frame.t), amended_extra=report.amended_extra and report.prints_left > 0,
-        report_text=report.report.text if report.report.kind == "sr" else "", pdf_pages=pdf_pages,
+        report_text=report_headings(report.report.text, frame.t) if report.report.kind == "sr" else "", pdf_pages=pdf_pages,
         prints_left=report.prints_left, printer_ok=ctx.printer_state not in ("offline", "paper_out"),
     )
 

@@ -8,6 +8,7 @@ from escpos.printer import Dummy
 
 from kiosk.i18n import Catalog
 from kiosk.page_text import plain
+from kiosk.patient_texts import report_headings
 from kiosk.report_pdf import ReportPage
 
 COLUMNS = 48  # font A on 80 mm paper (72 mm printable at 203 dpi)
@@ -35,7 +36,7 @@ def render_receipt(page: ReportPage, t: Catalog) -> bytes:
     p.text(_wrap(t("report_heading"), COLUMNS) + "\n")
     p.set(bold=False)
     if page.report.kind == "sr" and page.report.text.strip():
-        for line in page.report.text.splitlines():
+        for line in report_headings(page.report.text, t).splitlines():
             indent = " " * min(COLUMNS // 3, len(line) - len(line.lstrip(" ")))
             p.text((textwrap.fill(plain(line.strip()), COLUMNS, initial_indent=indent, subsequent_indent=indent)
                     or "") + "\n")

@@ -3,7 +3,7 @@
 The clinic's name and phone and the report's status (Final / Amended) head it; an
 amendment says, boxed, which report it replaces; then the patient's name with a second
 identifier (SA ID or folder number, date of birth), accession, exam and study date, who
-reported and when it was signed; the reader's report; a note in the patient's language
+reported and when it was signed; the reader's report (its headings in the patient's language); a note in the patient's language
 that the report is written in English and staff can explain it; the QR code to the cloud
 film with its caption. A reader's PDF report is merged in after it as pages (pypdf).
 Every value goes through :mod:`kiosk.page_text`, so none is read as ReportLab markup.
@@ -26,6 +26,7 @@ from reportlab.platypus import Flowable, HRFlowable, KeepTogether, SimpleDocTemp
 from kiosk.fonts import page_fonts
 from kiosk.i18n import Catalog
 from kiosk.page_text import paragraph, plain
+from kiosk.patient_texts import report_headings
 from kiosk.qr import QRFlowable
 from sync.reports import ReportView, parse_dicom_datetime
 
@@ -202,7 +203,7 @@ def render_report_pdf(page: ReportPage, t: Catalog) -> bytes:
         story += [_boxed([paragraph(amended, s["banner"])], SHADE, border=1.5), Spacer(1, 3 * mm)]
     story += [_facts(page, t, s), Spacer(1, 6 * mm), paragraph(t("report_heading"), s["title"]), Spacer(1, 2 * mm)]
     if page.report.kind == "sr" and page.report.text.strip():
-        story += _report_lines(page.report.text, s["body"])
+        story += _report_lines(report_headings(page.report.text, t), s["body"])
     else:
         story.append(paragraph(t("report_follows"), s["body"]))
     story += [Spacer(1, 7 * mm), _boxed([paragraph(t("language_note"), s["note"])], SHADE), Spacer(1, 6 * mm),

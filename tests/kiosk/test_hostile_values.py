@@ -107,6 +107,18 @@ def test_every_field_on_the_report_page_prints_literally(value: str, tmp_path: P
     assert b"/Subtype /Image" not in pdf  # the QR is vector squares: no image was embedded
 
 
+@pytest.mark.parametrize("value", HOSTILE, ids=repr)
+def test_a_worded_heading_leaves_the_hostile_text_after_it_literal(value: str, tmp_path: Path) -> None:
+    zu = load_catalog("zu")
+    page = dataclasses.replace(hostile_page(value), report=report(f"Finding: R1 {value}"))
+    text = pdf_text(render_report_pdf(page, zu), tmp_path)
+    assert squash(f"{zu('sr_finding')}: R1 {plain(value)}") in text, text
+    benign = dataclasses.replace(hostile_page("x" * len(value)), report=report(f"Finding: R1 {'x' * len(value)}"))
+    receipt = render_receipt(page, zu)
+    assert f"{zu('sr_finding')}: R1".encode() in receipt
+    assert _commands(receipt) == _commands(render_receipt(benign, zu))  # no printer command came in with it
+
+
 def test_a_huge_hostile_report_renders_in_seconds_not_minutes(tmp_path: Path) -> None:
     """ReportLab lays out one long paragraph in quadratic time (this text took ~35 s as one line each; ~1 s now)."""
     text = "\n".join([("<b>" + "y" * 100 + " ") * 2000, " " * 400 + "deep", "word " * 40000, "z" * 200000])

@@ -4,7 +4,8 @@ Every kiosk screen is walked in real Chromium in each of those languages, and th
 A4 report page (read back with pdftotext, also as CUPS printed it) and the receipt are
 rendered in each: none may show a sentence of the English catalog, nor one of its words,
 beyond a short list of proper names and codes. The report body is the doctor's English and
-stays so (the page says so in the patient's language); the clinic's configured texts
+stays so (the page says so in the patient's language), but its headings ("Finding:",
+"Impression:", the title) are the node's words and must not; the clinic's configured texts
 (``[kiosk] collect_at``, ``[console] exams``) come in the patient's language when given.
 """
 
@@ -21,7 +22,7 @@ import pytest
 from edge.config import ConfigError
 from edge.node.config import parse_config
 from kiosk.i18n import load_catalog, placeholders
-from kiosk.patient_texts import PatientTexts
+from kiosk.patient_texts import REPORT_HEADINGS, PatientTexts, report_headings
 from kiosk.receipt import render_receipt
 from kiosk.report_pdf import ReportPage, render_report_pdf
 from kiosk.slip import render_slip
@@ -33,6 +34,8 @@ LANGS = ("zu", "xh", "st", "af")
 CLINIC, PATIENT = "Ikhaya Clinic", "Thandiwe Nkosi"
 # Proper names and codes a page may carry in any language: the clinic, the patient, the node's codes.
 NAMES = (CLINIC, PATIENT, "Zanele Mthembu")
+# The reader's own words in REPORT: what follows each heading (the title and the headings are the node's).
+REPORT_BODY = tuple(line.partition(":")[2].strip() for line in REPORT.splitlines() if ":" in line)
 # Words an Afrikaans sentence shares with English ("status", "later" and "kiosk" are Afrikaans too).
 SHARED_WORDS = {"af": {"status", "later", "kiosk"}}
 
@@ -81,6 +84,42 @@ def test_the_leak_check_catches_what_it_should() -> None:
     assert "the patient kiosk at reception" in leaks("Thatha ku: the patient kiosk at reception", "zu")
     assert leaks(f"Isiguli {PATIENT} · {CLINIC}", "zu") == []
     assert leaks("Status: Finaal", "af") == []
+    found = leaks(REPORT, "zu", NAMES + REPORT_BODY)  # the stored SR as it is, headings in English
+    assert "Diagnostic imaging report" in found and {"finding", "impression"} <= set(found)
+
+
+def test_report_headings_are_worded_in_the_patients_language_and_nothing_else_changes() -> None:
+    zu = load_catalog("zu")
+    lines = [
+        "Diagnostic imaging report",
+        "FINDINGS",
+        "  Finding:",
+        "    Impression of a nodule; findings: none. Conclusion: see below.",
+        "  Diameter: 14.5 millimeter",
+        "  Clinical  History: cough <b>2 weeks</b>",
+        "Impressions",
+        "  Conclusion: Impression: normal.",
+        "  Follow-up CT in 3 months.",
+        "  Procedure note: Finding: none",
+    ]
+    stored = "\n".join(lines)
+    assert report_headings(stored, zu).split("\n") == [
+        zu("sr_title"),
+        zu("sr_findings"),
+        f"  {zu('sr_finding')}:",
+        "    Impression of a nodule; findings: none. Conclusion: see below.",  # the reader's text
+        "  Diameter: 14.5 millimeter",  # a heading nobody translated stays as the reader's SR has it
+        f"  {zu('sr_clinical_history')}: cough <b>2 weeks</b>",  # plain text: the screen and paper escape it
+        zu("sr_impression"),
+        f"  {zu('sr_conclusion')}: Impression: normal.",
+        "  Follow-up CT in 3 months.",
+        "  Procedure note: Finding: none",
+    ]
+    assert report_headings(stored, load_catalog("en")) == stored  # English: the reader's own spelling
+    assert report_headings("", zu) == ""
+    english = load_catalog("en")
+    for name, key in REPORT_HEADINGS.items():  # every heading has its message, and the English one maps back
+        assert key in english.messages and REPORT_HEADINGS[english(key).casefold()] == key, name
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -119,6 +158,9 @@ def test_every_kiosk_screen_speaks_the_chosen_language(
         words = " ".join(page_words(page).split())
         if screen == "report":
             assert t("exam_chest_xray") in words and t("hide") in words
+            report = page.inner_text(".report")  # the reader's report: only its headings are the node's
+            assert t("sr_finding") in report and t("sr_impression") in report
+            assert leaks(report, lang, NAMES + REPORT_BODY) == [], report
         if screen == "report-pdf":
             assert KNEE[lang] in words  # the clinic's own exam, as edge.toml names it in this language
         if screen == "not-ready":
@@ -128,8 +170,8 @@ def test_every_kiosk_screen_speaks_the_chosen_language(
     text = subprocess.run(["pdftotext", "-enc", "UTF-8", str(printed), "-"], capture_output=True, text=True,
                           check=True, timeout=60).stdout
     assert t("exam_chest_xray") in " ".join(text.split()) and t("language_note") in " ".join(text.split())
-    body = [line.strip() for line in REPORT.splitlines()]
-    assert leaks(text, lang, NAMES + tuple(body)) == []
+    assert t("sr_impression") in " ".join(text.split())
+    assert leaks(text, lang, NAMES + REPORT_BODY) == []
     page.context.close()
 
 
@@ -157,7 +199,6 @@ def _pdf_text(pdf: bytes, where: Path, first_page_only: bool = False) -> str:
 def test_slip_report_page_and_receipt_speak_the_chosen_language(tmp_path: Path, lang: str) -> None:
     t = load_catalog(lang)
     texts = PatientTexts.of("", [KNEE])
-    body = tuple(line.strip() for line in REPORT.splitlines())
 
     slip = _pdf_text(render_slip("4929140009", "482913", CLINIC, "", dt.date(2027, 2, 1), lang), tmp_path)
     assert t("collect_at_default") in " ".join(slip.split())
@@ -169,14 +210,16 @@ def test_slip_report_page_and_receipt_speak_the_chosen_language(tmp_path: Path, 
 
     a4 = _pdf_text(render_report_pdf(_paper_report("sr", tmp_path, lang, texts), t), tmp_path)
     assert t("exam_chest_xray") in " ".join(a4.split())
-    assert leaks(a4, lang, NAMES + body) == []
+    assert f"{t('sr_finding')}: {REPORT_BODY[0]}" in " ".join(a4.split())
+    assert leaks(a4, lang, NAMES + REPORT_BODY) == []
     a4 = _pdf_text(render_report_pdf(_paper_report("pdf", tmp_path, lang, texts), t), tmp_path, first_page_only=True)
     assert KNEE[lang] in " ".join(a4.split())
     assert leaks(a4, lang) == []
 
     receipt = render_receipt(_paper_report("sr", tmp_path, lang, texts), t)
     words = re.sub(r"[\x00-\x1f\x7f]", " ", receipt.decode("latin-1"))
-    assert leaks(words, lang, NAMES + body) == []
+    assert t("sr_impression") in " ".join(words.split())
+    assert leaks(words, lang, NAMES + REPORT_BODY) == []
 
 
 def test_configured_patient_texts_per_language_and_a_bad_one_names_its_key() -> None:
