@@ -3,9 +3,6 @@ studies with the reader's report stored the way the sync issue's report puller s
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: F401 - used by the tests here
-from tests.kiosk.cups_peer import CupsPeer, cups_available
+from tests.kiosk.cups_peer import CupsPeer, cups_available, private_cups
 from tests.kiosk.node import KioskNode, issue, seed_study  # noqa: F401 - the tests import them from here
 
 
@@ -36,11 +33,5 @@ def cups() -> Iterator[CupsPeer]:
     """One private cupsd for the session (its root must be traversable by the lp user's filters)."""
     if not cups_available():
         pytest.skip("CUPS and cups-pdf are not installed (scripts/test.sh installs them)")
-    root = Path(tempfile.mkdtemp(prefix="edge-cups-"))
-    os.chmod(root, 0o755)
-    peer = CupsPeer(root)
-    try:
-        yield peer.start()
-    finally:
-        peer.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with private_cups() as peer:
+        yield peer

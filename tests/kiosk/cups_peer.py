@@ -15,7 +15,10 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.node import free_port, wait_for_port
@@ -114,3 +117,16 @@ class CupsPeer:
                 self.proc.wait(5)
         self.cups_pdf_conf.unlink(missing_ok=True)
         shutil.rmtree(self.root / "bin", ignore_errors=True)
+
+
+@contextmanager
+def private_cups() -> Iterator[CupsPeer]:
+    """A started CupsPeer in a folder of its own (traversable by the lp user's filters), removed after."""
+    root = Path(tempfile.mkdtemp(prefix="edge-cups-"))
+    os.chmod(root, 0o755)
+    peer = CupsPeer(root)
+    try:
+        yield peer.start()
+    finally:
+        peer.stop()
+        shutil.rmtree(root, ignore_errors=True)

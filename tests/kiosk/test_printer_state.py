@@ -4,9 +4,6 @@ said the same way by ``edge doctor``, ``edge status``, the heartbeat's figures a
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ from edge.node.config import load_config
 from kiosk.doctor import check_printer
 from kiosk.printer_state import PrinterReport, probe_cups
 from tests.console.conftest import TECH, TECH_PASSWORD, console_node, log_in
-from tests.kiosk.cups_peer import PPD, CupsPeer, cups_available
+from tests.kiosk.cups_peer import PPD, CupsPeer, cups_available, private_cups
 from tests.node import edge_cli, write_config
 from tests.waiting import wait_until
 
@@ -30,14 +27,8 @@ def own_cups() -> Iterator[CupsPeer]:
     """A cupsd of this test's own: the tests stop it, so not the session's shared one."""
     if not cups_available():
         pytest.skip("CUPS and cups-pdf are not installed (scripts/test.sh installs them)")
-    root = Path(tempfile.mkdtemp(prefix="edge-cups-"))
-    os.chmod(root, 0o755)
-    peer = CupsPeer(root)
-    try:
-        yield peer.start()
-    finally:
-        peer.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with private_cups() as peer:
+        yield peer
 
 
 def doctor_and_status(tmp_path: Path, cups: CupsPeer, queue: str) -> tuple[Any, dict[str, Any], str]:
