@@ -86,7 +86,8 @@ def test_a_script_in_name_exam_and_report_reaches_the_kiosk_report_screen_as_tex
     _assert_shown_as_text(html, HOSTILE_ESCAPED)
     assert f"<dd>Thandi {HOSTILE_ESCAPED}</dd>" in html
     assert f"<dd>Chest {HOSTILE_ESCAPED}</dd>" in html
-    assert f'<div class="report">Findings: {HOSTILE_ESCAPED}\nHeart normal.</div>' in html
+    # the heading in the patient's language (kiosk.patient_texts.report_headings), the reader's words escaped
+    assert f'<div class="report">Okutholakele: {HOSTILE_ESCAPED}\nHeart normal.</div>' in html
     assert '<html lang="zu">' in html and "<dt>Isiguli</dt>" in html  # the catalog's words still flow through
     assert {name: headers.get(name) for name in SECURITY} == SECURITY
 
