@@ -26,6 +26,7 @@ import pytest
 
 from tests.conftest import EdgeNode
 from tests.edge.helpers import associate_rq, echo, echo_succeeds
+from tests.waiting import wait_until
 
 DR = {"modality_ae": "DR1", "modality_host": "127.0.0.1"}
 VERIFICATION = "1.2.840.10008.1.1"
@@ -124,6 +125,16 @@ def healthz(node: EdgeNode) -> tuple[int, dict[str, Any]]:
         return exc.code, json.load(exc)
 
 
+def no_slot_held(node: EdgeNode) -> EdgeNode:
+    """Wait until the DICOM service holds no slot: the start-up probe's connection (tests/node.py
+    wait_for_port, from the DR's address) is gone, so a test counting slots counts only its own."""
+    from edge.dicom import availability
+
+    wait_until(lambda: (state := availability.read(node.data_dir)) is not None and state.slots_used == 0,
+               30, "the start-up probe's slot given back")
+    return node
+
+
 def addresses(first: int, count: int) -> list[str]:
     return [f"127.0.0.{first + i}" for i in range(count)]
 
@@ -154,7 +165,7 @@ def test_strangers_from_one_address_hold_at_most_their_share(node_factory: Any) 
 
 
 def test_a_stranger_calling_from_the_drs_address_gets_no_reserved_slot(node_factory: Any) -> None:
-    node = node_factory(dicom={**DR, "max_associations": 2}).start()
+    node = no_slot_held(node_factory(dicom={**DR, "max_associations": 2}).start())
     with stallers(node, ["127.0.0.2"]) as first, stallers(node, ["127.0.0.1"], calling="NOT_THE_DR") as second:
         assert first[0].accepted  # the strangers' share: one of two
         assert not second[0].accepted  # the DR's address, but not the DR's AE title: no second stranger
@@ -163,7 +174,7 @@ def test_a_stranger_calling_from_the_drs_address_gets_no_reserved_slot(node_fact
 
 def test_the_dr_closes_the_stalled_stranger_when_every_slot_is_held(node_factory: Any) -> None:
     # Two slots: one stranger (its share) and one stalled association from the DR itself.
-    node = node_factory(dicom={**DR, "max_associations": 2}).start()
+    node = no_slot_held(node_factory(dicom={**DR, "max_associations": 2}).start())
     with stallers(node, ["127.0.0.2"]) as stranger, stallers(node, ["127.0.0.1"], calling="DR1") as dr_stalled:
         assert stranger[0].accepted and dr_stalled[0].accepted
         seconds_until(lambda: echo_succeeds(node), 15, "the DR's C-ECHO with both slots held")
