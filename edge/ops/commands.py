@@ -11,10 +11,14 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge.config import resolve_config_path
 from edge.node.config import EdgeConfig
 from edge.terminal import printable
+
+if TYPE_CHECKING:
+    from edge.ops.provision import Provisioning
 
 
 def cmd_doctor(config: EdgeConfig, args: argparse.Namespace) -> int:
@@ -76,17 +80,76 @@ def _secret(value: str | None) -> str | None:
     return value
 
 
+def _print_card_file(title: str, text: str) -> None:
+    """Text read off a card, one indented line at a time: whatever is on the card cannot drive the terminal."""
+    print(title)
+    for line in text.rstrip("\n").splitlines():
+        print(f"  {printable(line)}")
+
+
+def _provision_card(config_path: Path, args: argparse.Namespace, prov: Provisioning | None) -> int:
+    """--image-file / --image-boot: write (or with --show, print) edge-provision.toml on the card's ESP."""
+    from edge.ops.card_image import FIRSTBOOT_ERROR_FILE_NAME, open_card_image
+    from edge.ops.provision import (
+        PROVISION_FILE_NAME,
+        ProvisionError,
+        check,
+        masked,
+        write_boot_file,
+    )
+
+    if args.image_file:
+        card = open_card_image(Path(args.image_file))
+        where = f"{args.image_file} (ESP at byte {card.esp_offset})"
+        read = card.read
+
+        def write(text: str) -> str:
+            card.write(PROVISION_FILE_NAME, text.encode("utf-8"))
+            return f"{PROVISION_FILE_NAME} to {where}"
+    else:
+        boot = Path(args.image_boot)
+        if not boot.is_dir():
+            raise ProvisionError(f"{boot}: not a folder (mount the image's boot partition first)")
+        where = str(boot)
+
+        def read(name: str) -> bytes | None:
+            return (boot / name).read_bytes() if (boot / name).is_file() else None
+
+        def write(text: str) -> str:
+            return str(write_boot_file(boot, text))
+
+    if prov is not None:
+        check(config_path, prov, PROVISION_FILE_NAME)  # the box would refuse it at first boot: refuse it here
+        print(f"wrote {write(prov.to_toml())}: applied and deleted on the node's first boot")
+    else:
+        current = read(PROVISION_FILE_NAME)
+        if current is None:
+            print(f"no {PROVISION_FILE_NAME} on {where} (a provisioned node has deleted it)")
+        else:
+            _print_card_file(f"{PROVISION_FILE_NAME} on {where} (credentials masked):",
+                             masked(current.decode("utf-8", "replace")))
+    failed = read(FIRSTBOOT_ERROR_FILE_NAME)
+    if failed is not None:  # left by image/firstboot.sh; the next successful first boot removes it
+        _print_card_file("the last first boot failed:", failed.decode("utf-8", "replace"))
+    return 0
+
+
 def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
     from edge.ops.provision import (
         ProvisionError,
         Provisioning,
         apply,
+        check,
         read_provision_file,
-        write_boot_file,
         write_disk_key,
     )
 
     try:
+        if args.show:
+            if not (args.image_file or args.image_boot):
+                print("edge provision: --show needs --image-file IMG or --image-boot DIR", file=sys.stderr)
+                return 2
+            return _provision_card(config_path, args, None)
         prov = read_provision_file(Path(args.from_file)) if args.from_file else Provisioning()
         prov.set("node", "id", args.node_id)
         prov.set("node", "name", args.name)
@@ -107,6 +170,10 @@ def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
         if not prov.settings and not prov.secrets and prov.disk_key is None and prov.console_tls_hosts is None:
             print("edge provision: nothing to write (give --node-id, --cloud-url, --token … or --from-file)", file=sys.stderr)
             return 2
+        if args.check:  # first boot's gate: the whole file against the node's schema, nothing written
+            check(config_path, prov, args.from_file or "edge provision")
+            print("ok")
+            return 0
         if args.disk_key_out:  # first boot, before the data partition (and so edge.toml) exists
             if prov.disk_key is None:
                 print("edge provision: the provisioning file has no [disk] luks_key", file=sys.stderr)
@@ -114,10 +181,8 @@ def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
             write_disk_key(Path(args.disk_key_out), prov.disk_key)
             print(f"wrote the data partition key to {args.disk_key_out}")
             return 0
-        if args.image_boot:
-            target = write_boot_file(Path(args.image_boot), prov)
-            print(f"wrote {target}: applied and deleted on the node's first boot")
-            return 0
+        if args.image_boot or args.image_file:
+            return _provision_card(config_path, args, prov)
         changed = apply(config_path, prov)
     except ProvisionError as exc:
         print(f"edge provision: {exc}", file=sys.stderr)
@@ -129,8 +194,15 @@ def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update(config_path: Path, args: argparse.Namespace) -> int:
+    """Needs no edge.toml: an update must work on a node whose config is broken."""
+    from edge.appliance.update import run
+
+    return run(args.bundle, args.tries, reboot=not args.no_reboot)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add doctor, provision, discover and decommission to ``edge``'s sub-commands."""
+    """Add doctor, provision, discover, decommission and update to ``edge``'s sub-commands."""
     doctor = sub.add_parser("doctor", help="field self-check: a pass/fail line per item, with a fix")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(func=cmd_doctor)
@@ -161,5 +233,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                       help="another name or address the certificate must cover (repeatable; implies --console-tls)")
     prov.add_argument("--from-file", help="a provisioning file (edge-provision.toml) to apply")
     prov.add_argument("--disk-key-out", help="only write the file's [disk] luks_key here (mode 600): first boot's step before the data partition exists")
-    prov.add_argument("--image-boot", metavar="DIR", help="write edge-provision.toml into an image's boot partition instead")
+    card = prov.add_mutually_exclusive_group()
+    card.add_argument("--image-boot", metavar="DIR", help="write edge-provision.toml into a mounted boot partition (ESP) instead")
+    card.add_argument("--image-file", metavar="IMG",
+                      help="write edge-provision.toml into the ESP of a raw card image (or a card in a reader) "
+                           "without mounting it or root (needs mtools and fdisk); writing again replaces it")
+    prov.add_argument("--show", action="store_true",
+                      help="with --image-file/--image-boot: print the card's edge-provision.toml (credentials masked) "
+                           "and why its last first boot failed, if it did")
+    prov.add_argument("--check", action="store_true",
+                      help="validate the provisioning against the node's config schema (merged onto --config in memory); "
+                           "print ok or the bad key, write nothing")
     prov.set_defaults(func=cmd_provision, config_path_only=True)
+
+    from edge.appliance.update import add_arguments as add_update_arguments
+
+    update = sub.add_parser("update", help="install an update bundle into the other slot and reboot into it (as root)")
+    add_update_arguments(update)
+    update.set_defaults(func=cmd_update, config_path_only=True)

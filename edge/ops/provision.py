@@ -95,6 +95,8 @@ def read_provision_file(path: Path) -> Provisioning:
                 raise ProvisionError(f"{path}: [console_tls] takes only hosts = [\"name or address\", …]")
             prov.console_tls_hosts = list(hosts)
         elif name == "disk":
+            if set(table) - {"luks_key"}:
+                raise ProvisionError(f"{path}: [disk] takes only luks_key = \"<base64>\"")
             try:
                 prov.disk_key = base64.b64decode(str(table["luks_key"]), validate=True)
             except (KeyError, ValueError):
@@ -106,6 +108,20 @@ def read_provision_file(path: Path) -> Provisioning:
     return prov
 
 
+def masked(text: str) -> str:
+    """A provisioning file as an engineer may see it on screen: every credential and the disk key shown as ``****``."""
+    try:
+        doc = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as exc:
+        return f"(not valid TOML: {exc})"
+    for name in (*SECRET_TABLES, "disk"):
+        table = doc.get(name)
+        if isinstance(table, Table):
+            for key in list(table.keys()):
+                table[key] = "****"
+    return tomlkit.dumps(doc)
+
+
 def atomic_write(path: Path, text: str, mode: int, owner_of: Path | None = None) -> None:
     """``text`` written durably (edge.files) with ``mode``; as root, owned like ``owner_of`` (the node's user)."""
     owner = None
@@ -115,12 +131,25 @@ def atomic_write(path: Path, text: str, mode: int, owner_of: Path | None = None)
     write_durably(path, text.encode("utf-8"), mode=mode, owner=owner)
 
 
-def apply(config_path: Path, prov: Provisioning) -> list[str]:
-    """Update edge.toml and the secrets files; returns what changed ("[node] id", "secrets file …")."""
+@dataclass
+class _Merged:
+    """edge.toml with the provisioning merged in, in memory: what apply would write."""
+
+    doc: tomlkit.TOMLDocument
+    changed: list[str]
+    secret_files: list[tuple[Path, str]]
+    tls_files: tuple[Path, Path] | None
+
+
+def _read_config_doc(config_path: Path) -> tomlkit.TOMLDocument:
     try:
-        doc = tomlkit.parse(config_path.read_text("utf-8")) if config_path.exists() else tomlkit.document()
-    except (OSError, tomlkit.exceptions.ParseError) as exc:
+        return tomlkit.parse(config_path.read_text("utf-8")) if config_path.exists() else tomlkit.document()
+    except (OSError, UnicodeDecodeError, tomlkit.exceptions.ParseError) as exc:
         raise ProvisionError(f"{config_path}: cannot read: {exc}") from None
+
+
+def _merge(config_path: Path, prov: Provisioning) -> _Merged:
+    doc = _read_config_doc(config_path)
     changed: list[str] = []
     for section, values in prov.settings.items():
         table = doc.get(section)
@@ -146,6 +175,32 @@ def apply(config_path: Path, prov: Provisioning) -> list[str]:
     tls_files: tuple[Path, Path] | None = None
     if prov.console_tls_hosts is not None:
         tls_files = _console_tls_keys(doc, config_path, changed)
+    return _Merged(doc, changed, secret_files, tls_files)
+
+
+def check(config_path: Path, prov: Provisioning, source: str) -> EdgeConfig:
+    """The node's config as it would be after provisioning, validated by its own schema; writes nothing.
+
+    First boot runs this before it touches the disk, so a bad key stops the box with the key
+    named (``source: [dicom] port: …``) instead of half-provisioning it. A bad base config is
+    named as itself, so the provisioning file is not blamed for it.
+    """
+    base_dir = config_path.resolve().parent
+    try:
+        parse_config(_read_config_doc(config_path).unwrap(), base_dir, str(config_path))
+    except ConfigError as exc:
+        raise ProvisionError(f"the node's own config is bad: {exc}") from None
+    merged = _merge(config_path, prov)
+    try:
+        return parse_config(merged.doc.unwrap(), base_dir, source)
+    except ConfigError as exc:
+        raise ProvisionError(str(exc)) from None
+
+
+def apply(config_path: Path, prov: Provisioning) -> list[str]:
+    """Update edge.toml and the secrets files; returns what changed ("[node] id", "secrets file …")."""
+    merged = _merge(config_path, prov)
+    doc, changed, secret_files, tls_files = merged.doc, merged.changed, merged.secret_files, merged.tls_files
     try:
         config = parse_config(doc.unwrap(), config_path.resolve().parent, str(config_path))
     except ConfigError as exc:
@@ -218,12 +273,15 @@ def node_hosts(node_id: str, extra: list[str]) -> list[str]:
     return list(dict.fromkeys(h for h in hosts if h))
 
 
-def write_boot_file(boot_dir: Path, prov: Provisioning) -> Path:
-    """``edge-provision.toml`` on an image's boot partition, for the first-boot unit."""
+def write_boot_file(boot_dir: Path, text: str) -> Path:
+    """``edge-provision.toml`` (``Provisioning.to_toml()``) on a mounted boot partition, for the first-boot unit."""
     if not boot_dir.is_dir():
         raise ProvisionError(f"{boot_dir}: not a folder (mount the image's boot partition first)")
     target = boot_dir / PROVISION_FILE_NAME
-    atomic_write(target, prov.to_toml(), 0o600)
+    try:
+        atomic_write(target, text, 0o600)
+    except PermissionError:  # a mounted FAT refuses chmod unless the mode is what its mount options give
+        write_durably(target, text.encode("utf-8"))
     return target
 
 
