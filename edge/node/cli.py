@@ -17,6 +17,9 @@ from edge.node.services import StartupError, run_services
 
 log = logging.getLogger("edge")
 
+UNPROVISIONED = "unprovisioned"
+"""``edge serve unprovisioned``: DICOM refused and a page saying what is missing (edge.node.unprovisioned)."""
+
 
 def _setup_logging(config: EdgeConfig) -> None:
     logging.basicConfig(
@@ -35,6 +38,13 @@ def _open_store(config: EdgeConfig) -> None:
 
 def cmd_run(config: EdgeConfig, args: argparse.Namespace) -> int:
     _setup_logging(config)
+    if args.command == "serve" and UNPROVISIONED in args.service:  # the card was never set up: no node to run
+        if len(args.service) > 1:
+            log.error("%s runs alone: it is what the box runs instead of the node's services", UNPROVISIONED)
+            return 2
+        from edge.node.unprovisioned import serve_unprovisioned
+
+        return serve_unprovisioned(config)
     if args.command == "run":  # a supervisor of `edge serve` children: ingest apart from the web apps
         from edge.node.supervisor import exec_supervisor
 
@@ -106,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="all services: ingest and the web apps in separate processes").set_defaults(func=cmd_run)
     serve = sub.add_parser("serve", help="one service, as its systemd unit runs it (or several in one process)")
-    serve.add_argument("service", nargs="+", choices=SERVICE_NAMES)
+    serve.add_argument("service", nargs="+", choices=(*SERVICE_NAMES, UNPROVISIONED))
     serve.set_defaults(func=cmd_run)
     studies = sub.add_parser("studies", help="local studies with their sync and report state")
     studies.add_argument("--json", action="store_true", help="machine-readable output")
