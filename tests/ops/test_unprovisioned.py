@@ -165,6 +165,30 @@ def test_ready_is_sent_to_systemd_with_the_reason(tmp_path: Path, monkeypatch: p
             box.kill()
 
 
+def test_it_runs_from_the_appliance_s_shipped_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/usr/lib/clinic-edge/edge.toml as image/build.sh makes it (data_dir on the data partition), on free ports."""
+    import tomlkit
+
+    shipped = subprocess.run([str(REPO / "image/appliance-config.sh")], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    doc = tomlkit.parse(shipped)
+    assert doc["storage"]["data_dir"] == "/var/lib/clinic-edge/data"  # type: ignore[index]
+    box = Unprovisioned(tmp_path / "shipped")
+    for section in ("dicom", "console"):
+        doc[section]["bind_address"] = "127.0.0.1"  # type: ignore[index]
+        doc[section]["port"] = box.port if section == "dicom" else box.console_port  # type: ignore[index]
+    box.config.write_text(tomlkit.dumps(doc))
+    monkeypatch.setenv("EDGE_BOOT", str(box.boot))
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    box.start()
+    try:
+        done, _ = box.echoscu()
+        assert "Rejected Permanent" in done.stdout + done.stderr
+        assert json.loads(box.get("/healthz")[1])["status"] == "unprovisioned"
+    finally:
+        box.kill()
+
+
 def test_unprovisioned_runs_alone(tmp_path: Path) -> None:
     box = Unprovisioned(tmp_path / "alone")
     done = subprocess.run([*_edge(box), "serve", "unprovisioned", "dicom"], capture_output=True, text=True, timeout=60,
