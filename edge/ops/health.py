@@ -8,6 +8,7 @@ from typing import Any
 
 from peewee import DatabaseError
 
+from edge.appliance.slots import slot_state
 from edge.node.config import EdgeConfig
 from edge.ports import port_listening  # noqa: F401  (where status and metrics look for it)
 from edge.dicom import availability
@@ -117,8 +118,18 @@ def check_cloud(config: EdgeConfig) -> Check:
     return Check("cloud", True, False, f"last upload {summary.last_upload_at or 'never'} to {config.cloud.dicomweb_url}")
 
 
+def check_update() -> Check | None:
+    """Degraded (not failing) after an update that did not come up: the old slot runs, ops must look."""
+    state = slot_state()
+    if state is None:  # not the appliance
+        return None
+    return Check("update", not state.failed, False, state.summary)
+
+
 def run_checks(config: EdgeConfig, services: tuple[str, ...] = ("dicom",)) -> list[Check]:
     checks = [check_database(), check_disk(config)]
+    if (update := check_update()) is not None:
+        checks.append(update)
     if "dicom" in services:
         checks.append(check_dicom(config))
     if checks[0].ok:
@@ -133,8 +144,10 @@ def health_report(config: EdgeConfig, checks: list[Check]) -> tuple[bool, dict[s
     healthy = all(c.ok for c in checks if c.critical)
     degraded = any(not c.ok for c in checks)
     status = "ok" if not degraded else ("degraded" if healthy else "failing")
+    slots = slot_state()
     return healthy, {
         "status": status,
         "node_id": config.node.id,
         "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in checks},
+        "appliance": slots.as_json() if slots is not None else None,  # slot and version running
     }

@@ -15,7 +15,7 @@ import logging
 import random
 import ssl
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from prometheus_client import (
@@ -24,7 +24,10 @@ from prometheus_client import (
     push_to_gateway,
     write_to_textfile,
 )
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
 
+from edge.appliance.slots import slot_state
 from edge.node.config import EdgeConfig
 from edge.ops.metrics import fleet_registry
 
@@ -116,6 +119,35 @@ def write_textfile(path: Path, registry: CollectorRegistry) -> None:
 
 def next_wait(interval_s: float) -> float:
     return interval_s * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+class ApplianceCollector(Collector):
+    """The slot and version running and an update that failed, for central ops: the ops part's
+    fleet collector, so the heartbeat, the textfile and /metrics all carry it. Nothing off the appliance."""
+
+    def __init__(self, config: EdgeConfig | None = None) -> None:
+        self.config = config
+
+    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+        state = slot_state()
+        if state is None:
+            return
+        yield InfoMetricFamily("edge_appliance_slot", "The root slot running, its version, the other slot's version", value={
+            "running_slot": state.running_slot, "running_version": state.running_version or "",
+            "other_slot": state.other_slot, "other_version": state.other_version or "", "next_boot": state.next_boot or "",
+        })
+        update = state.update
+        failed = GaugeMetricFamily("edge_update_failed", "1 when an update used up its boot tries and the old slot runs again",
+                                   labels=["slot", "version", "tries"])
+        if update is not None and update.state == "failed":
+            failed.add_metric([update.slot, update.version or "", str(update.tries_done)], 1.0)
+        yield failed
+        yield GaugeMetricFamily("edge_update_pending", "1 while an installed update waits to boot or is on trial",
+                                value=float(update is not None and update.state in ("pending", "trial")))
+
+
+def appliance_collector(config: EdgeConfig) -> ApplianceCollector:
+    return ApplianceCollector(config)
 
 
 class Heartbeat:

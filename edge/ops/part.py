@@ -11,6 +11,8 @@ from edge.part import DoctorItem, NodeContext, Part, ServiceFactory
 from edge.service import Service
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from edge.node.config import EdgeConfig
 
 
@@ -32,8 +34,15 @@ async def check_zeroconf(config: EdgeConfig) -> DoctorItem:
     return await check_zeroconf(config)
 
 
+def appliance_collector(config: EdgeConfig) -> Collector:
+    """The slot and version running, a failed update: in the heartbeat, the textfile and /metrics."""
+    from edge.ops.heartbeat import appliance_collector
+
+    return appliance_collector(config)
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """doctor, provision, discover, decommission."""
+    """doctor, provision, discover, decommission, update."""
     from edge.ops.commands import add_commands as add_ops_commands
 
     add_ops_commands(sub)
@@ -43,6 +52,7 @@ PART = Part(
     name="ops",
     after=("dicom", "sync", "firmware_bridge", "kiosk", "console"),  # announces only what already listens
     sections={"ops": OpsSection},
+    fleet_collectors=(appliance_collector,),
     doctor_checks=(check_heartbeat, check_zeroconf),
     add_commands=add_commands,
     services=(ServiceFactory("ops", build_ops),),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge.appliance.slots import slot_state
 from edge.node.config import EdgeConfig
 from edge.ops.health import check_disk, dicom_availability, disk_free_bytes, port_listening
 from edge.terminal import printable
@@ -52,7 +53,14 @@ def node_status(config: EdgeConfig) -> dict[str, Any]:
         },
         "boxes": box_summaries(),  # ECG boxes the bridge has seen
         "printer": probe_printer(config).as_dict(),  # the kiosk printer: ok, or the cause and its fix
+        "appliance": appliance_status(),  # slot and version running, a failed update; None off the appliance
     }
+
+
+def appliance_status() -> dict[str, Any] | None:
+    """The slots as people read them (edge.appliance.slots); None on a developer machine."""
+    state = slot_state()
+    return state.as_json() if state is not None else None
 
 
 def _dicom_state(config: EdgeConfig) -> str:
@@ -72,6 +80,9 @@ def format_status(status: dict[str, Any]) -> str:
     p = printable
     node, outbox, store, disk = status["node"], status["outbox"], status["store"], status["disk"]
     lines = [f"node      {p(node['id'])} ({p(node['name'])}), AE title {p(node['ae_title'])}"]
+    slots = status.get("appliance")
+    if slots:
+        lines.append(f"{'PROBLEM ' if slots['failed'] else 'slot    '}  {p(slots['summary'])}")
     lines += [f"service   {p(name)}: {p(state)}" for name, state in status["services"].items()]
     age = outbox["oldest_age_s"]
     lines.append(
