@@ -1,9 +1,10 @@
 """The image recipe and first-boot provisioning, without a full debootstrap (see image/README.md).
 
 What runs here: the scripts parse, every Debian package the recipe names exists in the
-archive (apt's local lists), the recipe's dry run installs what it should, the appliance
-config is valid for the node, and first boot is run for real on folders (provisioning,
-key handling, clean-up), with only its privileged steps (cryptsetup, mkfs, mount) printed.
+archive (apt's local lists), the recipe's dry run builds what it should from the host's apt
+sources, the appliance config is valid for the node, and both first-boot stages (disk,
+config) run for real on folders (the check, key handling, provisioning, clean-up, the
+reason on the card), with only their privileged steps (sfdisk, cryptsetup, chown) printed.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def test_scripts_parse() -> None:
         assert result.returncode == 0, (script, result.stderr)
 
 
-def test_recipe_names_real_debian_packages_with_cups_and_without_dcmtk() -> None:
+def test_recipe_names_real_debian_packages_without_cups_ssh_or_dcmtk() -> None:
     packages = _packages()
-    assert "cups" in packages and "cryptsetup" in packages and "systemd-timesyncd" in packages
+    for needed in ("systemd", "systemd-boot-efi", "linux-image-amd64", "cryptsetup-bin", "systemd-timesyncd",
+                   "python3-venv", "dosfstools", "fdisk"):  # fdisk: first boot appends the data partition with sfdisk
+        assert needed in packages, needed
+    assert "cups" not in packages and not any(p.startswith("openssh") for p in packages)  # no print server, no ssh
     assert not any(p.startswith("dcmtk") for p in packages)
     shown = subprocess.run(["apt-cache", "show", "--no-all-versions", *packages], capture_output=True, check=False, text=True).stdout
     found = {line.split(":", 1)[1].strip() for line in shown.splitlines() if line.startswith("Package:")}
@@ -45,21 +49,48 @@ def test_recipe_names_real_debian_packages_with_cups_and_without_dcmtk() -> None
     assert missing == []
 
 
-def test_dry_run_installs_node_units_and_read_only_layout(tmp_path: Path) -> None:
-    result = subprocess.run([str(IMAGE / "build.sh"), "--dry-run", "--out", str(tmp_path)],
+def _dry_run(tmp_path: Path, *args: str) -> str:
+    result = subprocess.run([str(IMAGE / "build.sh"), "--dry-run", "--out", str(tmp_path), *args],
                             capture_output=True, check=False, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "debootstrap --variant=minbase" in out and "snapshot.debian.org" in out  # pinned package set
-    assert "-r /opt/clinic-edge/requirements.lock" in out
-    for unit in ("edge.target", "edge-dicom.service", "edge-ops.service", "edge-firstboot.service"):
-        assert unit in out
-    assert "ln -sfn /var/lib/clinic-edge/etc" in out and "etc/fstab" in out
-    assert "tar --sort=name --numeric-owner --mtime=@" in out  # reproducible archive
+    return result.stdout
+
+
+def test_dry_run_builds_from_the_hosts_apt_sources_into_a_squashfs_slot_and_an_mtools_esp(tmp_path: Path) -> None:
+    out = _dry_run(tmp_path)
+    steps = [line[2:] for line in out.splitlines() if line.startswith("+ ")]
+    assert steps and len(steps) == len(out.splitlines())  # a dry run prints its steps and nothing else
+    mmdebstrap = next(s for s in steps if s.startswith("mmdebstrap "))
+    assert "--variant=minbase" in mmdebstrap and f"--include={','.join(_packages())}" in mmdebstrap
+    assert "snapshot.debian.org" not in out  # the machine's own apt sources, not a pinned mirror a laptop cannot reach
+    assert any(src in mmdebstrap for src in ("/etc/apt/sources.list", "/etc/apt/sources.list.d/"))
+    assert "-r image/requirements.lock" in out  # the locked Python dependencies
+    assert any(s.startswith("mksquashfs ") and "-comp zstd" in s for s in steps)  # the read-only root
+    assert any(s.startswith("tar --sort=name") and "--numeric-owner --mtime=@" in s and s.endswith("root.squashfs")
+               for s in steps)  # the update bundle, reproducibly packed
+    assert any(s.startswith("mkfs.vfat -C -F 32") and "--invariant" in s for s in steps)  # the ESP as a file
+    assert any(s.startswith("dd ") and ".img " in s and "conv=notrunc" in s and "seek=1 " in s for s in steps)
+    assert any("zstd" in s and ".img.zst" in s for s in steps)
+    for never in ("mount ", "losetup", "debootstrap ", "kpartx"):  # no loop devices, no mounts: runs in a container
+        assert not any(s.startswith(never) or f" {never}" in s for s in steps), never
+    pinned = _dry_run(tmp_path, "--snapshot", "20251101T000000Z")
+    assert "http://snapshot.debian.org/archive/debian/20251101T000000Z/ bookworm main" in pinned  # still an option
+
+
+def test_recipe_installs_the_node_units_and_the_read_only_layout() -> None:
+    recipe = (IMAGE / "build.sh").read_text()
+    for unit in ("edge.target", "edge-*.service", "edge-firstboot.service", "edge-provision.service",
+                 "edge-datakey.service", "image/firstboot.sh"):
+        assert unit in recipe, unit
+    assert "ln -sfn /var/lib/clinic-edge/etc" in recipe and "image/fstab" in recipe and "image/crypttab" in recipe
+    assert "name=esp" in recipe and "name=root-a" in recipe and "name=root-b" in recipe
+    assert "mcopy" in recipe and "/loader/entries/clinic-edge-a.conf" in recipe
     fstab = (IMAGE / "fstab").read_text()
-    mounts = {f[1]: f[3].split(",") for f in (line.split() for line in fstab.splitlines() if line and not line.startswith("#"))}
-    assert "ro" in mounts["/"]  # root read-only
-    assert "nofail" in mounts["/var/lib/clinic-edge"]
+    mounts = {f[1]: (f[2], f[3].split(",")) for f in (line.split() for line in fstab.splitlines()
+                                                       if line.strip() and not line.startswith("#"))}
+    assert "/" not in mounts  # the slot's squashfs, read-only by nature, named on the kernel command line
+    assert mounts["/boot/efi"][0] == "vfat"
+    assert mounts["/var/lib/clinic-edge"][0] == "ext4" and "nofail" in mounts["/var/lib/clinic-edge"][1]
     assert "/dev/mapper/edge-data" in fstab
     assert "luks" in (IMAGE / "crypttab").read_text()
     locked = (IMAGE / "requirements.lock").read_text()
@@ -75,63 +106,128 @@ def test_appliance_config_is_valid_and_puts_data_on_the_encrypted_partition(tmp_
     assert config.ops.textfile_dir == "/var/lib/prometheus/node-exporter"
 
 
-def _firstboot(tmp_path: Path, tpm: bool) -> tuple[subprocess.CompletedProcess[str], dict[str, Path]]:
-    paths = {name: tmp_path / name for name in ("boot", "data", "keys", "bin")}
-    for path in paths.values():
-        path.mkdir()
-    edge = paths["bin"] / "edge"
-    edge.write_text(f"#!/bin/sh\nexec {sys.executable} -m edge \"$@\"\n")
-    edge.chmod(0o755)
-    default_config = tmp_path / "default.toml"
-    default_config.write_text(subprocess.run([str(IMAGE / "appliance-config.sh")], capture_output=True, text=True, check=True).stdout)
-    tpm_path = tmp_path / "tpm0"
-    if tpm:
-        tpm_path.mkdir()
-    key = os.urandom(32)
-    (paths["boot"] / "edge-provision.toml").write_text(
-        '[node]\nid = "clinic-0042"\nname = "Gugulethu Day Clinic"\n'
-        '[dicom]\nae_title = "GUGU_EDGE"\nmodality_host = "10.0.0.20"\n'
-        '[cloud]\ndicomweb_url = "https://pacs.example.org/dicom-web"\n'
-        '[secrets]\ntoken = "t0ken"\n'
-        f'[disk]\nluks_key = "{base64.b64encode(key).decode()}"\n'
-    )
-    env = {**os.environ, "EDGE_DRY_RUN": "1", "EDGE_BOOT": str(paths["boot"]), "EDGE_BIN": str(edge),
-           "EDGE_DATA_DEV": "/dev/null-edge-data", "EDGE_DATA_MNT": str(paths["data"]), "EDGE_KEY_DIR": str(paths["keys"]),
-           "EDGE_DEFAULT_CONFIG": str(default_config), "EDGE_TPM": str(tpm_path), "PYTHONPATH": str(REPO)}
-    result = subprocess.run(["bash", str(IMAGE / "firstboot.sh")], capture_output=True, check=False, text=True, env=env, timeout=120, cwd=REPO)
-    paths["key"] = paths["keys"] / "edge-data.key"
-    paths["_key_value"] = Path(base64.b64encode(key).decode())
-    return result, paths
+# First boot, run for real on folders: EDGE_DRY_RUN=1 prints its privileged steps (sfdisk,
+# cryptsetup, systemd-cryptenroll, chown) instead of running them; EDGE_* point its paths here.
+
+GOOD_FILE = (
+    '[node]\nid = "clinic-0042"\nname = "Gugulethu Day Clinic"\n'
+    '[dicom]\nae_title = "GUGU_EDGE"\nmodality_host = "10.0.0.20"\n'
+    '[cloud]\ndicomweb_url = "https://pacs.example.org/dicom-web"\n'
+    '[secrets]\ntoken = "t0ken"\n'
+)
 
 
-def test_first_boot_encrypts_data_applies_provisioning_and_deletes_the_file(tmp_path: Path) -> None:
-    result, paths = _firstboot(tmp_path, tpm=False)
+class FirstBoot:
+    """One node's first boot in tmp_path: the ESP, the data partition's mount point, /run's key folder."""
+
+    def __init__(self, tmp_path: Path, tpm: bool) -> None:
+        self.boot, self.data, self.keys, bin_dir = (tmp_path / n for n in ("boot", "data", "keys", "bin"))
+        for path in (self.boot, self.data, self.keys, bin_dir):
+            path.mkdir()
+        edge = bin_dir / "edge"
+        edge.write_text(f"#!/bin/sh\nexec {sys.executable} -m edge \"$@\"\n")
+        edge.chmod(0o755)
+        default_config = tmp_path / "default.toml"  # the root's /usr/lib/clinic-edge/edge.toml, data under tmp_path
+        text = subprocess.run([str(IMAGE / "appliance-config.sh")], capture_output=True, text=True, check=True).stdout
+        default_config.write_text(text.replace('"/var/lib/clinic-edge/data"', f'"{self.data / "data"}"'))
+        tpm_path = tmp_path / "tpm0"
+        if tpm:
+            tpm_path.mkdir()
+        self.key = os.urandom(32)
+        self.key_file = self.keys / "edge-data.key"
+        self.provision = self.boot / "edge-provision.toml"
+        self.errors = self.boot / "firstboot-error.txt"
+        self.env = {**os.environ, "EDGE_DRY_RUN": "1", "EDGE_BOOT": str(self.boot), "EDGE_BIN": str(edge),
+                    "EDGE_DATA_DEV": str(tmp_path / "no-edge-data"), "EDGE_DATA_MNT": str(self.data),
+                    "EDGE_KEY_DIR": str(self.keys), "EDGE_DEFAULT_CONFIG": str(default_config),
+                    "EDGE_TPM": str(tpm_path), "EDGE_DISK": "/dev/vda", "PYTHONPATH": str(REPO)}
+
+    def write_file(self, text: str = GOOD_FILE, disk_key: bool = True) -> None:
+        key = f'[disk]\nluks_key = "{base64.b64encode(self.key).decode()}"\n' if disk_key else ""
+        self.provision.write_text(text + key)
+
+    def run(self, stage: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(IMAGE / "firstboot.sh"), stage], capture_output=True, check=False,
+                              text=True, env=self.env, timeout=120, cwd=REPO)
+
+
+def test_first_boot_disk_stage_checks_the_file_then_makes_and_encrypts_the_data_partition(tmp_path: Path) -> None:
+    node = FirstBoot(tmp_path, tpm=False)
+    node.write_file()
+    node.errors.write_text("an old failure\n")
+    result = node.run("disk")
     assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    key_file = str(paths["key"])
-    assert f"+ cryptsetup luksFormat --type luks2 --batch-mode --key-file {key_file} /dev/null-edge-data" in out
-    assert out.index("luksFormat") < out.index("mkfs.ext4") < out.index("+ mount")
-    # No TPM2: the key stays on the boot partition for unattended unlock (README says what that protects).
-    kept = paths["boot"] / "edge" / "data.key"
-    assert kept.read_text().strip() == str(paths["_key_value"]) and (kept.stat().st_mode & 0o777) == 0o600
-    # Provisioned onto the data partition; credentials in a 600 file, not in edge.toml.
-    config = load_config(paths["data"] / "etc" / "edge.toml")
+    steps = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+    # The data partition goes into the card's free space after the slots, once.
+    assert "sfdisk --relocate gpt-bak-std /dev/vda" in steps
+    assert "sfdisk --append --no-reread /dev/vda" in steps
+    # LUKS2 with a KDF that fits a 1 GB box, keyed by the file's key, which sits on /run only.
+    luks = next(s for s in steps if s.startswith("cryptsetup luksFormat"))
+    assert "--type luks2" in luks and "--pbkdf argon2id --pbkdf-memory 65536" in luks
+    assert f"--key-file {node.key_file}" in luks and "--label edge-data" in luks
+    assert base64.b64decode(node.key_file.read_text()) == node.key and (node.key_file.stat().st_mode & 0o777) == 0o600
+    # No TPM2: the key stays on the ESP for unattended unlock (image/README.md says what that protects).
+    kept = node.boot / "edge" / "data.key"
+    assert base64.b64decode(kept.read_text()) == node.key and (kept.stat().st_mode & 0o777) == 0o600
+    assert "systemd-cryptenroll" not in result.stdout
+    # The file stays for the config stage; the old failure's reason is gone.
+    assert node.provision.exists() and not node.errors.exists()
+
+
+def test_first_boot_config_stage_applies_config_and_secrets_and_deletes_the_file(tmp_path: Path) -> None:
+    node = FirstBoot(tmp_path, tpm=False)
+    node.write_file()
+    assert node.run("disk").returncode == 0
+    result = node.run("config")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "firstboot: provisioned" in result.stdout and f"+ chown -R edge:edge {node.data / 'etc'}" in result.stdout
+    config = load_config(node.data / "etc" / "edge.toml")
     assert (config.node.id, config.node.name, config.dicom.ae_title) == ("clinic-0042", "Gugulethu Day Clinic", "GUGU_EDGE")
     assert config.cloud.dicomweb_url == "https://pacs.example.org/dicom-web"
     secrets = config.path(config.cloud.secrets_file)
     assert secrets is not None and secrets.read_text().strip() == 'token = "t0ken"'
     assert (secrets.stat().st_mode & 0o777) == 0o600
-    assert "t0ken" not in (paths["data"] / "etc" / "edge.toml").read_text()
-    # The provisioning file is gone; a second boot does nothing.
-    assert not (paths["boot"] / "edge-provision.toml").exists()
-    again = subprocess.run(["bash", str(IMAGE / "firstboot.sh")], capture_output=True, check=False, text=True,
-                           env={**os.environ, "EDGE_BOOT": str(paths["boot"]), "EDGE_DRY_RUN": "1"})
-    assert again.returncode == 0 and "already provisioned" in again.stdout
+    assert "t0ken" not in (node.data / "etc" / "edge.toml").read_text()
+    assert not node.provision.exists()  # credentials on a FAT partition: gone
+    # Later boots provision nothing: both stages see no file.
+    for stage in ("disk", "config"):
+        again = node.run(stage)
+        assert again.returncode == 0 and "nothing to provision" in again.stdout and "+ " not in again.stdout
 
 
 def test_first_boot_with_a_tpm_enrolls_it_and_keeps_no_key_file(tmp_path: Path) -> None:
-    result, paths = _firstboot(tmp_path, tpm=True)
+    node = FirstBoot(tmp_path, tpm=True)
+    node.write_file()
+    result = node.run("disk")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "+ systemd-cryptenroll" in result.stdout and "--tpm2-device=auto" in result.stdout
-    assert not (paths["boot"] / "edge" / "data.key").exists()
-    assert not paths["key"].exists()
+    assert "+ systemd-cryptenroll" in result.stdout and "--tpm2-device=auto --tpm2-pcrs=7" in result.stdout
+    assert not (node.boot / "edge" / "data.key").exists()
+    assert node.run("config").returncode == 0
+    assert not node.key_file.exists()  # the TPM2 unlocks it now; the key left with the field engineer
+
+
+def test_a_bad_key_stops_first_boot_named_on_the_console_and_the_card_and_a_fixed_file_boots(tmp_path: Path) -> None:
+    node = FirstBoot(tmp_path, tpm=False)
+    node.write_file(GOOD_FILE + '[kiosk]\nlanguags = ["zu"]\n')
+    result = node.run("disk")
+    assert result.returncode == 1
+    assert "firstboot: FAILED:" in result.stderr and "[kiosk] languags: unknown key" in result.stderr
+    assert "+ " not in result.stdout and not node.key_file.exists()  # stopped before anything was changed
+    reason = node.errors.read_text()
+    assert f"{node.provision}: [kiosk] languags: unknown key" in reason and "edge provision --image-file" in reason
+    assert node.provision.exists()  # kept, so the engineer can see it (edge provision --image-file IMG --show)
+
+    # The engineer fixes the file and the box is restarted.
+    node.write_file(GOOD_FILE + '[kiosk]\nlanguages = ["en", "zu"]\n')
+    assert node.run("disk").returncode == 0 and not node.errors.exists()
+    assert node.run("config").returncode == 0
+    assert load_config(node.data / "etc" / "edge.toml").kiosk.languages == ["en", "zu"]
+
+
+def test_a_file_without_the_data_key_is_named_on_the_card(tmp_path: Path) -> None:
+    node = FirstBoot(tmp_path, tpm=False)
+    node.write_file(disk_key=False)
+    result = node.run("disk")
+    assert result.returncode == 1
+    assert "no [disk] luks_key" in node.errors.read_text()
+    assert "cryptsetup" not in result.stdout
