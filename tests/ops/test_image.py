@@ -84,15 +84,16 @@ def test_recipe_installs_the_node_units_and_the_read_only_layout() -> None:
         assert unit in recipe, unit
     assert "ln -sfn /var/lib/clinic-edge/etc" in recipe and "image/fstab" in recipe and "image/crypttab" in recipe
     assert "name=esp" in recipe and "name=root-a" in recipe and "name=root-b" in recipe
-    assert "mcopy" in recipe and "/loader/entries/clinic-edge-a.conf" in recipe
+    assert "mcopy" in recipe and "::/loader/entries/" in recipe  # the ESP filled with mtools, slot A's boot entry
     fstab = (IMAGE / "fstab").read_text()
     mounts = {f[1]: (f[2], f[3].split(",")) for f in (line.split() for line in fstab.splitlines()
                                                        if line.strip() and not line.startswith("#"))}
     assert "/" not in mounts  # the slot's squashfs, read-only by nature, named on the kernel command line
-    assert mounts["/boot/efi"][0] == "vfat"
-    assert mounts["/var/lib/clinic-edge"][0] == "ext4" and "nofail" in mounts["/var/lib/clinic-edge"][1]
-    assert "/dev/mapper/edge-data" in fstab
-    assert "luks" in (IMAGE / "crypttab").read_text()
+    assert mounts["/boot/efi"][0] == "vfat" and "nofail" in mounts["/boot/efi"][1]  # a blank card still boots
+    # The data partition is not in fstab: firstboot.sh's open stage unlocks and mounts it (a
+    # card never provisioned has none, and on first boot it appears only after the disk stage).
+    assert "/var/lib/clinic-edge" not in mounts
+    assert "firstboot.sh open" in (IMAGE / "edge-data.service").read_text()
     locked = (IMAGE / "requirements.lock").read_text()
     for dep in ("pynetdicom==", "zeroconf==", "prometheus-client==", "tomlkit=="):
         assert dep in locked
@@ -222,6 +223,19 @@ def test_a_bad_key_stops_first_boot_named_on_the_console_and_the_card_and_a_fixe
     assert node.run("disk").returncode == 0 and not node.errors.exists()
     assert node.run("config").returncode == 0
     assert load_config(node.data / "etc" / "edge.toml").kiosk.languages == ["en", "zu"]
+
+
+def test_every_boot_opens_the_data_partition_and_a_card_without_one_is_left_unprovisioned(tmp_path: Path) -> None:
+    node = FirstBoot(tmp_path, tpm=False)
+    blank = node.run("open")  # no provisioning file and no data partition: a card never set up
+    assert blank.returncode == 0 and "not provisioned" in blank.stdout and "+ " not in blank.stdout
+    (tmp_path / "no-edge-data").touch()  # the partition the disk stage made
+    result = node.run("open")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+    attach = next(s for s in steps if "systemd-cryptsetup attach edge-data" in s)
+    assert f"{tmp_path / 'no-edge-data'}" in attach and "tpm2-device=auto" in attach
+    assert any(s.startswith("mount ") and s.endswith(str(node.data)) for s in steps)
 
 
 def test_a_file_without_the_data_key_is_named_on_the_card(tmp_path: Path) -> None:
