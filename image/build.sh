@@ -109,7 +109,7 @@ in_root sh -c '/opt/clinic-edge/venv/bin/pip install -q --no-cache-dir --no-inde
 rm -rf "$R/tmp/wheels"
 echo "$VERSION" > "$R/usr/lib/clinic-edge/version"
 cp systemd/edge.target systemd/edge-*.service image/edge-firstboot.service image/edge-provision.service image/edge-datakey.service \
-   image/edge-boot-check.service image/edge-slots.service "$R/etc/systemd/system/"
+   image/edge-boot-check.service image/edge-slots.service image/edge-data.service "$R/etc/systemd/system/"
 cp systemd/sysusers.d/clinic-edge.conf "$R/usr/lib/sysusers.d/clinic-edge.conf"
 cp systemd/tmpfiles.d/clinic-edge.conf "$R/usr/lib/tmpfiles.d/clinic-edge.conf"
 install -m 0755 image/firstboot.sh "$R/usr/lib/clinic-edge/firstboot.sh"
@@ -124,7 +124,7 @@ echo clinic-edge > "$R/etc/hostname"
 : > "$R/etc/machine-id"
 in_root systemd-sysusers
 in_root systemctl enable edge.target edge-firstboot.service edge-provision.service edge-datakey.service edge-boot-check.service \
-  edge-slots.service edge-unprovisioned.service \
+  edge-slots.service edge-unprovisioned.service edge-data.service \
   systemd-networkd.service systemd-resolved.service systemd-timesyncd.service
 in_root systemctl set-default multi-user.target
 # What a read-only appliance never uses at run time.

@@ -4,6 +4,8 @@
 #   firstboot.sh disk     early, before the data partition is unlocked (edge-firstboot.service):
 #                         check edge-provision.toml, put its data key in /run, make the data
 #                         partition in the card's free space and LUKS2-format it, once.
+#   firstboot.sh open     every boot (edge-data.service): unlock the data partition (TPM2 or the
+#                         key in /run), make its filesystem if it has none, mount it.
 #   firstboot.sh config   once the data partition is mounted (edge-provision.service):
 #                         default config + the file applied (secrets mode 600), file deleted.
 #
@@ -13,7 +15,7 @@
 # steps instead of running them; the paths can be pointed elsewhere (tests/ops/test_image.py).
 set -euo pipefail
 
-STAGE="${1:?usage: firstboot.sh disk|config}"
+STAGE="${1:?usage: firstboot.sh disk|open|config}"
 BOOT="${EDGE_BOOT:-/boot/efi}"
 PROVISION="$BOOT/edge-provision.toml"
 ERRORS="$BOOT/firstboot-error.txt"
@@ -41,7 +43,7 @@ fail() {  # the reason, where a field engineer looks: the console and the card i
   exit 1
 }
 
-if [[ ! -f "$PROVISION" ]]; then
+if [[ ! -f "$PROVISION" && "$STAGE" != open ]]; then
   say "no $PROVISION: nothing to provision"
   exit 0
 fi
@@ -85,11 +87,34 @@ disk_stage() {
     sync -f "$BOOT/edge/data.key" 2>/dev/null || true
   fi
   rm -f "$ERRORS"
-  say "data partition ready; systemd unlocks and mounts it next"
+  say "data partition ready"
+}
+
+open_stage() {
+  # Explicit rather than crypttab/fstab: on a card never provisioned there is no partition,
+  # and on first boot it appears only after the disk stage; a device timeout would race it.
+  if [[ ! -e "$DEV" ]]; then
+    say "no data partition ($DEV): this card is not provisioned"
+    exit 0
+  fi
+  if [[ ! -e /dev/mapper/edge-data ]]; then
+    # The key file where the box has no TPM2 (edge-datakey.service put it in /run), else
+    # the TPM2 token enrolled at first boot.
+    local keyfile=-
+    [[ -f "$KEY" ]] && keyfile="$KEY"
+    priv /lib/systemd/systemd-cryptsetup attach edge-data "$DEV" "$keyfile" "luks,discard,headless=true,tpm2-device=auto"
+  fi
+  if ! priv blkid -p /dev/mapper/edge-data >/dev/null; then
+    priv mkfs.ext4 -q -L edge-data /dev/mapper/edge-data
+  fi
+  mkdir -p "$MNT"
+  mountpoint -q "$MNT" || priv mount -o noatime /dev/mapper/edge-data "$MNT"
+  priv systemd-tmpfiles --create clinic-edge.conf
+  say "data partition mounted on $MNT"
 }
 
 config_stage() {
-  # The data partition is mounted here (systemd formatted it: x-systemd.makefs).
+  # The data partition is mounted here (edge-data.service: the open stage).
   mountpoint -q "$MNT" || [[ "$DRY_RUN" == 1 ]] || fail "the data partition is not mounted on $MNT"
   priv systemd-tmpfiles --create clinic-edge.conf
   mkdir -p "$MNT/etc"
@@ -115,6 +140,7 @@ config_stage() {
 
 case "$STAGE" in
   disk) disk_stage ;;
+  open) open_stage ;;
   config) config_stage ;;
-  *) echo "usage: firstboot.sh disk|config" >&2; exit 2 ;;
+  *) echo "usage: firstboot.sh disk|open|config" >&2; exit 2 ;;
 esac

@@ -229,7 +229,7 @@ class ApplianceVM:
         forwards = ",".join(f"hostfwd=tcp:127.0.0.1:{self.ns_ports[p]}-:{p}" for p in self.ns_ports)
         argv = [
             "qemu-system-x86_64", "-machine", "q35", "-accel", self.accel, "-m", str(self.memory_mb),
-            "-smp", str(self.cpus), "-display", "none", "-no-user-config", "-nodefaults",
+            "-smp", str(self.cpus), "-cpu", "host" if self.accel == "kvm" else "max", "-display", "none", "-no-user-config", "-nodefaults",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={self.vars}",
             # writeback honours the guest's flushes (FLUSH reaches the host file); not "unsafe".
