@@ -100,9 +100,12 @@ open_stage() {
   if [[ ! -e /dev/mapper/edge-data ]]; then
     # The key file where the box has no TPM2 (edge-datakey.service put it in /run), else
     # the TPM2 token enrolled at first boot.
-    local keyfile=-
-    [[ -f "$KEY" ]] && keyfile="$KEY"
-    priv /lib/systemd/systemd-cryptsetup attach edge-data "$DEV" "$keyfile" "luks,discard,headless=true,tpm2-device=auto"
+    # (systemd 252 with tpm2-device=auto and no TPM2 ignores a given key file: hence two.)
+    if [[ -f "$KEY" ]]; then
+      priv /lib/systemd/systemd-cryptsetup attach edge-data "$DEV" "$KEY" "luks,discard,headless=true"
+    else
+      priv /lib/systemd/systemd-cryptsetup attach edge-data "$DEV" - "luks,discard,headless=true,tpm2-device=auto"
+    fi
   fi
   if ! priv blkid -p /dev/mapper/edge-data >/dev/null; then
     priv mkfs.ext4 -q -L edge-data /dev/mapper/edge-data
