@@ -8,6 +8,7 @@ a few MB, and both carry a valid identifying header, so only the decoding cost i
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from pathlib import Path
@@ -41,21 +42,31 @@ def _write_part10(path: Path, sop_uid: str, transfer_syntax: str, body_chunks: l
             fp.write(chunk)
 
 
+def _deflated(data: bytes, last: bool = False) -> bytes:
+    """``data`` as raw deflate blocks that stand alone (no reference to what came before), so such
+    pieces join into one stream; only the ``last`` one ends it."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return squeeze.compress(data) + squeeze.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
+
+
+@functools.cache
+def _deflated_mib_of_zeros() -> bytes:
+    """One MiB of zeros deflated (~1 KB), compressed once: a 512 MiB bomb repeats it instead of
+    squeezing 512 MiB again (seconds of CPU per bomb on the test box)."""
+    return _deflated(bytes(MiB))
+
+
 def write_deflate_bomb(path: Path, inflated_bytes: int = 512 * MiB, study_uid: str | None = None) -> str:
     """A deflated DX whose pixel data is ``inflated_bytes`` of zeros; returns its SOP Instance UID."""
     sop_uid = generate_uid()
     head = _encoded(dx_header(sop_uid, study_uid))
     pixel_length = (inflated_bytes - len(head) - 12) & ~1
-    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out = [squeeze.compress(head + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixel_length))]
-    zeros = bytes(MiB)
-    left = pixel_length
-    while left:
-        n = min(left, MiB)
-        out.append(squeeze.compress(zeros[:n]))
-        left -= n
-    out.append(squeeze.flush())
-    body = b"".join(out)
+    whole, rest = divmod(pixel_length, MiB)
+    body = b"".join([
+        _deflated(head + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixel_length)),
+        _deflated_mib_of_zeros() * whole,
+        _deflated(bytes(rest), last=True),
+    ])
     if len(body) % 2:
         body += b"\0"  # as DCMTK pads a deflated stream
     _write_part10(path, sop_uid, DeflatedExplicitVRLittleEndian, [body])

@@ -20,6 +20,7 @@ from aiohttp import web
 from pydicom import dcmread
 
 from edge.store.models import Study, utcnow
+from sync.compress import MAX_COMPRESS_ELEMENTS
 from sync.reports import ReportPuller, ReportSettings
 from sync.tables import ReportRetry
 from tests.conftest import EdgeNode
@@ -53,7 +54,8 @@ def test_unfit_instances_are_quarantined_after_one_attempt_and_the_rest_upload(
     files.mkdir()
     bomb_uid = write_deflate_bomb(files / "bomb.dcm", inflated_bytes=512 * MiB)
     flood_uid = write_element_flood(files / "flood.dcm", elements=2_000_000)
-    many_uid = write_element_flood(files / "many.dcm", elements=120_000)  # allowed, too many to parse for compression
+    # Allowed, too many to parse for compression; no more than that: Orthanc takes seconds per 10k elements.
+    many_uid = write_element_flood(files / "many.dcm", elements=MAX_COMPRESS_ELEMENTS + 10_000)
     deflated_uid = write_deflated_dx(files / "deflated.dcm", rows=256, cols=256)
     plain = make_dx(files / "plain.dcm", rows=256, cols=256)
     sent = [("bomb.dcm", DEFLATED), ("flood.dcm", None), ("many.dcm", None), ("deflated.dcm", DEFLATED), ("plain.dcm", None)]
