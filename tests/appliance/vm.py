@@ -193,13 +193,14 @@ class GuestAgent:
 class ApplianceVM:
     """One box: its disk image, its firmware variables (NVRAM), its ports on the host.
 
-    ``ports`` maps a guest TCP port to the host loopback port that reaches it; ``cloud``
-    (a host loopback port) is what the guest reaches at ``10.0.2.2:cloud_port``.
+    Each of ``guest_ports`` is reached from the host at ``port(guest_port)``; each of
+    ``host_services`` (host loopback ports: the cloud proxy, the DR's echo SCP) is what the
+    guest reaches at ``10.0.2.2:<same port>``.
     """
 
     def __init__(
         self, disk: Path, workdir: Path, *, guest_ports: tuple[int, ...] = (11112, 8080),
-        cloud_host_port: int | None = None, memory_mb: int = 1024, cpus: int = 2,
+        host_services: tuple[int, ...] = (), memory_mb: int = 1024, cpus: int = 2,
         extra_disks: tuple[Path, ...] = (),
     ) -> None:
         self.disk = disk
@@ -218,9 +219,8 @@ class ApplianceVM:
         self.ns_ports = {port: free_port() for port in guest_ports}
         self.host_ports = {port: free_port() for port in guest_ports}
         self.bridges = [Bridge(self.netns, workdir, self.ns_ports[p], self.host_ports[p], inward=True) for p in guest_ports]
-        self.cloud_port = cloud_host_port
-        if cloud_host_port is not None:
-            self.bridges.append(Bridge(self.netns, workdir, cloud_host_port, cloud_host_port, inward=False))
+        for port in host_services:
+            self.bridges.append(Bridge(self.netns, workdir, port, port, inward=False))
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.boots = 0
