@@ -70,8 +70,16 @@ disk_stage() {
     priv partx --update "$disk" || priv partprobe "$disk" || true
     priv udevadm settle --timeout=30
   fi
-  # 4. LUKS2, once.
-  if ! priv cryptsetup isLuks "$DEV" || [[ "$DRY_RUN" == 1 ]]; then
+  # 4. LUKS2, once. A header this key opens is ours (a power cut after formatting). One it
+  #    does not open is a stale card's or a torn format: reformat, unless this box has been
+  #    provisioned before (the marker on the ESP) — then its data is at stake: stop.
+  if [[ "$DRY_RUN" == 1 ]] || ! cryptsetup isLuks "$DEV" 2>/dev/null; then
+    priv cryptsetup luksFormat --type luks2 --batch-mode "${PBKDF[@]}" --key-file "$KEY" --label edge-data "$DEV"
+  elif ! cryptsetup open --test-passphrase --key-file "$KEY" "$DEV" 2>/dev/null; then
+    if [[ -e "$BOOT/edge/provisioned" ]]; then
+      fail "the data partition is locked with another key than this provisioning file's [disk] luks_key: use this box's escrowed key (its data stays), or wipe the card to start over"
+    fi
+    say "the data partition has a header this key does not open (stale card or an interrupted format): formatting again"
     priv cryptsetup luksFormat --type luks2 --batch-mode "${PBKDF[@]}" --key-file "$KEY" --label edge-data "$DEV"
   fi
   # 5. Unlock without a person: the TPM2 where the box has one (the key then leaves the box
@@ -138,6 +146,7 @@ config_stage() {
     rm -f "$KEY"
   fi
   rm -f "$ERRORS"
+  mkdir -p "$BOOT/edge" && : > "$BOOT/edge/provisioned"
   say "provisioned"
 }
 

@@ -1,31 +1,33 @@
 #!/usr/bin/env bash
-# Write a built root filesystem onto a node's disk: GPT with an ESP, two root slots (A/B)
-# and the data partition (left empty: first boot encrypts it with the node's own key).
+# Write a built image onto a box's disk or a card in a reader, with the checks dd lacks.
 #
-#   sudo image/flash.sh [--dry-run] image/out/rootfs.tar /dev/sdX
+#   sudo image/flash.sh [--dry-run] clinic-edge-<version>.img[.zst] /dev/sdX
+#
+# Refuses a target that is not a whole block device, is mounted, or is smaller than the
+# image. The data partition is made at first boot in whatever the disk has beyond the image.
 set -euo pipefail
 DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && { DRY_RUN=1; shift; }
-TAR="${1:?usage: flash.sh [--dry-run] ROOTFS.tar DEVICE}"
-DISK="${2:?usage: flash.sh [--dry-run] ROOTFS.tar DEVICE}"
+IMG="${1:?usage: flash.sh [--dry-run] IMAGE DEVICE}"
+DISK="${2:?usage: flash.sh [--dry-run] IMAGE DEVICE}"
 run() { echo "+ $*"; if ((DRY_RUN == 0)); then "$@"; fi; }
-part() { if [[ "$DISK" =~ [0-9]$ ]]; then echo "${DISK}p$1"; else echo "${DISK}$1"; fi; }
 
-run sgdisk --zap-all \
-  --new=1:0:+512M --typecode=1:ef00 --change-name=1:esp \
-  --new=2:0:+3G   --typecode=2:8304 --change-name=2:root-a \
-  --new=3:0:+3G   --typecode=3:8304 --change-name=3:root-b \
-  --new=4:0:0     --typecode=4:8309 --change-name=4:edge-data \
-  "$DISK"
-run mkfs.vfat -F 32 -n ESP "$(part 1)"
-run mkfs.ext4 -q -L root-a "$(part 2)"
-run mkfs.ext4 -q -L root-b "$(part 3)"
-MNT=$(mktemp -d)
-run mount "$(part 2)" "$MNT"
-run tar --numeric-owner -xpf "$TAR" -C "$MNT"
-run mkdir -p "$MNT/boot/efi"
-run mount "$(part 1)" "$MNT/boot/efi"
-run chroot "$MNT" bootctl install --no-variables
-run chroot "$MNT" kernel-install add "$(ls "$MNT/lib/modules" 2>/dev/null | head -1)" "/boot/vmlinuz-$(ls "$MNT/lib/modules" 2>/dev/null | head -1)"
-run umount "$MNT/boot/efi" "$MNT"
-echo "flash.sh: done. Drop edge-provision.toml on the ESP (edge provision --image-boot DIR) before first boot."
+[[ -f "$IMG" ]] || { echo "flash.sh: $IMG: no such image" >&2; exit 2; }
+if ((DRY_RUN == 0)); then
+  [[ -b "$DISK" ]] || { echo "flash.sh: $DISK is not a block device" >&2; exit 2; }
+  [[ "$(lsblk -dno TYPE "$DISK")" == disk ]] || { echo "flash.sh: $DISK is a partition; give the whole disk" >&2; exit 2; }
+  if lsblk -no MOUNTPOINTS "$DISK" | grep -q .; then
+    echo "flash.sh: $DISK has mounted partitions: unmount them first" >&2; exit 2
+  fi
+  need=$(if [[ "$IMG" == *.zst ]]; then zstd -lv "$IMG" 2>/dev/null | awk '/Decompressed Size/{gsub(/[(),]/,"",$0); print $(NF-1)}'; else stat -c %s "$IMG"; fi)
+  have=$(blockdev --getsize64 "$DISK")
+  if [[ -n "$need" ]] && ((have < need)); then
+    echo "flash.sh: $DISK has $have bytes, the image needs $need" >&2; exit 2
+  fi
+fi
+if [[ "$IMG" == *.zst ]]; then
+  run sh -c "zstd -dc '$IMG' | dd of='$DISK' bs=4M conv=fsync status=progress"
+else
+  run dd if="$IMG" of="$DISK" bs=4M conv=fsync status=progress
+fi
+echo "flash.sh: done. Provision it (edge provision --image-file $DISK ...) if not done on the image."

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # Real peers the tests talk to (see README: "What the tests run against").
 DEBIAN_PACKAGES=(dcmtk orthanc orthanc-dicomweb orthanc-python python3-cryptography socat iproute2 prometheus prometheus-pushgateway systemd openssl
   chromium cups printer-driver-cups-pdf poppler-utils zbar-tools fonts-dejavu-core
-  mtools dosfstools fdisk strace mmdebstrap squashfs-tools zstd)
+  mtools dosfstools fdisk strace mmdebstrap squashfs-tools zstd
+  qemu-system-x86 ovmf)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

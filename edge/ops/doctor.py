@@ -73,6 +73,16 @@ def check_encryption(config: EdgeConfig) -> Item:
                 "on the appliance the data partition is LUKS; a development machine is expected to warn here")
 
 
+def check_tpm(config: EdgeConfig, tpm: Path = Path("/sys/class/tpm/tpm0")) -> Item:
+    """Without a TPM2 the data key sits on the same disk's ESP: encrypted, but not against theft."""
+    if not _dm_crypt(config.data_dir):
+        return Item("tpm", "skip", "data not on the appliance's encrypted partition: TPM2 not checked")
+    if tpm.exists():
+        return Item("tpm", "pass", "TPM2 present: the data partition unlocks only on this box (PCR 7)")
+    return Item("tpm", "warn", "no TPM2: the data key is kept on the ESP, so a stolen disk is readable",
+                "buy boxes with a TPM2 (most mini-PCs have an fTPM: enable it in the firmware), then re-provision")
+
+
 def _run(*argv: str, timeout: float = 5.0) -> str | None:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -150,7 +160,7 @@ async def run_doctor(config: EdgeConfig, config_path: str, parts: Sequence[Part]
         parts = PARTS_IN_ORDER
     node_checks: list[Callable[[], Item]] = [
         lambda: check_config(config, config_path), lambda: check_disk(config), lambda: check_encryption(config),
-        check_clock, lambda: check_services(config),
+        lambda: check_tpm(config), check_clock, lambda: check_services(config),
     ]
     items = [await asyncio.to_thread(check) for check in node_checks]
     for part in parts:
