@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -134,6 +136,17 @@ def _provision_card(config_path: Path, args: argparse.Namespace, prov: Provision
     return 0
 
 
+def _escrowed_disk_key(escrow: Path) -> bytes:
+    """32 random bytes for LUKS2, kept first in a new mode-600 file (never overwrites one: it may be another box's)."""
+    key = os.urandom(32)
+    fd = os.open(escrow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.b64encode(key).decode() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key
+
+
 def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
     from edge.ops.provision import (
         ProvisionError,
@@ -167,6 +180,13 @@ def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
             prov.secrets["pushgateway_secrets"] = {"token": push_token}
         if args.console_tls or args.console_tls_host:
             prov.console_tls_hosts = [*(prov.console_tls_hosts or []), *(args.console_tls_host or [])]
+        if args.new_disk_key:
+            if not (args.image_file or args.image_boot):
+                print("edge provision: --new-disk-key is for a card (--image-file IMG or --image-boot DIR)", file=sys.stderr)
+                return 2
+            prov.disk_key = _escrowed_disk_key(Path(args.new_disk_key))
+            print(f"new data partition key saved to {args.new_disk_key} (mode 600): give it to central ops to keep; "
+                  "it is the only way into this box's data if the box's own copy is lost")
         if not prov.settings and not prov.secrets and prov.disk_key is None and prov.console_tls_hosts is None:
             print("edge provision: nothing to write (give --node-id, --cloud-url, --token … or --from-file)", file=sys.stderr)
             return 2
@@ -231,6 +251,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                            "node's names and addresses, and set [console] tls_cert/tls_key (kept if already there)")
     prov.add_argument("--console-tls-host", action="append", metavar="NAME",
                       help="another name or address the certificate must cover (repeatable; implies --console-tls)")
+    prov.add_argument("--new-disk-key", metavar="ESCROW_FILE",
+                      help="with --image-file/--image-boot: generate the data partition's key ([disk] luks_key, 32 random "
+                           "bytes) and save it to ESCROW_FILE (new file, mode 600) for central ops to keep")
     prov.add_argument("--from-file", help="a provisioning file (edge-provision.toml) to apply")
     prov.add_argument("--disk-key-out", help="only write the file's [disk] luks_key here (mode 600): first boot's step before the data partition exists")
     card = prov.add_mutually_exclusive_group()

@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 
 from tests.appliance.conftest import REPO, BuiltImage
 from tests.appliance.vm import GUEST_HOST_ADDRESS, ApplianceVM, free_port
+from tests.conftest import DCMTK
 from tests.dicom_factory import make_dx
 from tests.edge.test_dicom_ingest import dataset_bytes
 from tests.edge.test_power_cut import acknowledged_files
@@ -86,7 +87,7 @@ class Box:
 
     def echo(self, ae_title: str = "EDGE", calling: str = DR_AE) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["echoscu", "-to", "20", "-ta", "20", "-td", "20", "-aet", calling, "-aec", ae_title,
+            [str(DCMTK / "echoscu"), "-to", "20", "-ta", "20", "-td", "20", "-aet", calling, "-aec", ae_title,
              "127.0.0.1", str(self.vm.port(11112))],
             capture_output=True, text=True, timeout=90,
         )
@@ -174,7 +175,7 @@ def box(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_path
     subprocess.run(["cp", "--sparse=always", str(built_image.img), str(disk)], check=True)
     subprocess.run(["truncate", "-s", "+6G", str(disk)], check=True)  # a 8 GB card
     dr_port = free_port()
-    dr = subprocess.Popen(["storescp", "-aet", DR_AE, str(dr_port)], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dr = subprocess.Popen([str(DCMTK / "storescp"), "-aet", DR_AE, str(dr_port)], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     vm = ApplianceVM(disk, workdir / "vm", host_services=(proxy.port, dr_port))
     b = Box(workdir, disk, built_image, orthanc, proxy, dr_port, vm, _kill_seed())
     try:
@@ -195,6 +196,27 @@ def _esp_read(disk: Path, name: str) -> str:
     return subprocess.run(["mtype", "-i", f"{disk}@@1M", f"::/{name}"], capture_output=True, text=True, env=env).stdout
 
 
+def _wait_refused(box: Box) -> str:
+    deadline = time.monotonic() + 240
+    while (refused := box.echo()).returncode == 0 or "Rejected" not in refused.stdout + refused.stderr:
+        assert time.monotonic() < deadline, f"C-ECHO was not refused: {refused.stdout}{refused.stderr}"
+        time.sleep(2)
+    return refused.stdout + refused.stderr
+
+
+def test_a_card_without_provisioning_boots_safe_and_says_what_is_missing(box: Box) -> None:
+    box.power_on()
+    box.vm.wait_agent(BOOT_TIMEOUT)
+    assert "Rejected Permanent" in _wait_refused(box)
+    status, page = box.http("/")
+    assert status == 503 and "edge-provision.toml" in page, page[:2000]
+    assert "not provisioned" in box.vm.serial_since_boot()
+    assert "edge-dicom" not in box.guest_ok("systemctl list-units --state=active --no-legend 'edge-*'")
+    assert box.guest("test -e /dev/disk/by-partlabel/edge-data").returncode != 0, "no data partition without provisioning"
+    box.guest_ok("systemctl poweroff")
+    assert box.vm.wait_exit(180) == 0
+
+
 def test_a_bad_provisioning_file_stops_first_boot_naming_the_key(box: Box, tmp_path: Path) -> None:
     # A file edited by hand on the card (edge provision itself refuses a bad one on the laptop).
     bad = tmp_path / "edge-provision.toml"
@@ -206,10 +228,7 @@ def test_a_bad_provisioning_file_stops_first_boot_naming_the_key(box: Box, tmp_p
     box.vm.wait_serial(r"firstboot: FAILED: .*\[dicom\] port", BOOT_TIMEOUT)
     box.vm.wait_agent(BOOT_TIMEOUT)
     # The safe unprovisioned state: DICOM refused with a reason, the console says why.
-    deadline = time.monotonic() + 180
-    while (refused := box.echo()).returncode == 0 or "Rejected" not in refused.stdout + refused.stderr:
-        assert time.monotonic() < deadline, f"C-ECHO was not refused: {refused.stdout}{refused.stderr}"
-        time.sleep(2)
+    _wait_refused(box)
     status, page = box.http("/")
     assert status == 503 and "First boot failed" in page and "[dicom] port" in page
     assert "edge-dicom" not in box.guest_ok("systemctl list-units --state=active --no-legend 'edge-*'")
@@ -277,9 +296,12 @@ def test_edge_doctor_in_the_box_passes_all_but_what_a_vm_lacks(box: Box) -> None
 def test_memory_of_the_node_on_a_1_gb_box(box: Box) -> None:
     out = box.guest_ok(
         "for u in " + " ".join(NODE_UNITS) + "; do p=$(systemctl show -p MainPID --value $u); "
-        "echo $u $(awk '/VmRSS/{print $2}' /proc/$p/status); done; grep MemAvailable /proc/meminfo"
+        "echo $u $(awk '/VmRSS/{print $2}' /proc/$p/status) $(awk '/^Pss:/{print $2}' /proc/$p/smaps_rollup); done; "
+        "grep MemAvailable /proc/meminfo"
     )
     rss = {line.split()[0]: int(line.split()[1]) // 1024 for line in out.splitlines() if line.startswith("edge-")}
+    pss = {line.split()[0]: int(line.split()[2]) // 1024 for line in out.splitlines() if line.startswith("edge-")}
+    box.figures["node services PSS (shared pages counted once)"] = f"{sum(pss.values())} MB"
     available = int(re.search(r"MemAvailable:\s+(\d+)", out).group(1)) // 1024  # type: ignore[union-attr]
     print("\n".join(f"RSS {u}: {mb} MB" for u, mb in rss.items()), f"\nnode total {sum(rss.values())} MB, available {available} MB")
     box.figures["node services RSS (goal <= 300 MB)"] = f"{sum(rss.values())} MB ({', '.join(f'{u} {m}' for u, m in rss.items())})"
@@ -337,7 +359,7 @@ def _series(folder: Path, count: int, study_uid: str, seed: int) -> dict[Path, s
 def _store(box: Box, files: dict[Path, str], *, cut_after: int | None = None) -> list[Path]:
     """storescu from the DR's side; with ``cut_after``, the power goes after that many acks (+ a random bit)."""
     sender = subprocess.Popen(
-        ["storescu", "-v", "-to", "30", "-ta", "30", "-td", "60", "-aet", DR_AE, "-aec", "EDGE", "127.0.0.1",
+        [str(DCMTK / "storescu"), "-v", "-to", "30", "-ta", "30", "-td", "60", "-aet", DR_AE, "-aec", "EDGE", "127.0.0.1",
          str(box.vm.port(11112)), *map(str, sorted(files))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
     )

@@ -342,3 +342,22 @@ def test_writing_a_card_image_mounts_nothing_and_makes_no_loop_device(tmp_path: 
     assert "mount(" not in calls and "/dev/loop" not in calls and "LOOP_" not in calls
     assert str(card) in calls  # the trace did see mtools open the image
     assert tomllib.loads(esp_read(card, "edge-provision.toml"))["node"] == {"id": "clinic-0042"}
+
+
+def test_a_new_disk_key_goes_onto_the_card_and_into_an_escrow_file_never_over_another(tmp_path: Path) -> None:
+    card = make_card(tmp_path / "card.img")
+    escrow = tmp_path / "clinic-0042.key"
+    result = edge("--config", str(tmp_path / "absent.toml"), "provision", "--image-file", str(card),
+                  "--node-id", "clinic-0042", "--new-disk-key", str(escrow))
+    assert result.returncode == 0, result.stderr
+    assert "give it to central ops" in result.stdout
+    assert escrow.stat().st_mode & 0o777 == 0o600
+    key = escrow.read_text().strip()
+    assert len(base64.b64decode(key, validate=True)) == 32
+    assert tomllib.loads(esp_read(card, "edge-provision.toml"))["disk"] == {"luks_key": key}
+    # A second card with the same escrow name would lose the first box's only spare key: refused.
+    again = edge("--config", str(tmp_path / "absent.toml"), "provision", "--image-file", str(card),
+                 "--node-id", "clinic-0042", "--new-disk-key", str(escrow))
+    assert again.returncode != 0 and "exists" in again.stderr
+    assert escrow.read_text().strip() == key
+    assert tomllib.loads(esp_read(card, "edge-provision.toml"))["disk"] == {"luks_key": key}
