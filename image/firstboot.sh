@@ -49,15 +49,14 @@ if [[ ! -f "$PROVISION" && "$STAGE" != open ]]; then
 fi
 
 disk_stage() {
-  # 1. The file must be whole and valid before anything is changed.
+  # 1. The file must be whole and valid before anything is changed; 2. then its data key
+  #    goes to a tmpfs (never to a disk). One run of the node's CLI: Python starts slowly.
   local why
-  if ! why=$("$EDGE" --config "$DEFAULT_CONFIG" provision --from-file "$PROVISION" --check 2>&1); then
-    fail "$why"
-  fi
-  # 2. The data key, from the file to a tmpfs (never to a disk).
   mkdir -p "$(dirname "$KEY")"
   chmod 0700 "$(dirname "$KEY")"
-  why=$("$EDGE" provision --from-file "$PROVISION" --disk-key-out "$KEY" 2>&1) || fail "$why"
+  if ! why=$("$EDGE" --config "$DEFAULT_CONFIG" provision --from-file "$PROVISION" --check --disk-key-out "$KEY" 2>&1); then
+    fail "$why"
+  fi
   # 3. The data partition, in the card's free space after the slots (once).
   if [[ ! -e "$DEV" ]]; then
     local root_part disk

@@ -193,7 +193,8 @@ def cmd_provision(config_path: Path, args: argparse.Namespace) -> int:
         if args.check:  # first boot's gate: the whole file against the node's schema, nothing written
             check(config_path, prov, args.from_file or "edge provision")
             print("ok")
-            return 0
+            if not args.disk_key_out:
+                return 0
         if args.disk_key_out:  # first boot, before the data partition (and so edge.toml) exists
             if prov.disk_key is None:
                 print("edge provision: the provisioning file has no [disk] luks_key", file=sys.stderr)
