@@ -90,3 +90,17 @@ def boxes() -> Iterator[Any]:
         yield plugged
     finally:
         plugged.close()
+
+
+# Whole-tree checks that keep one worker busy for a minute or more (mypy; every module imported
+# alone): collected last by name, they would end a parallel run (pytest -n) with the other workers
+# idle, so they go first. Only the order changes.
+_LONG_FIRST = ("tests/test_types.py", "tests/test_layers.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)  # stable: every other test keeps its place

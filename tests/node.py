@@ -111,12 +111,12 @@ class EdgeNode:
         if self.command == ("serve", "sync"):
             self.wait_for_log("sync: uploading to")
             return self
-        wait_for_port(self.port, proc=self.proc)
+        wait_for_port(self.port, timeout=60.0, proc=self.proc)  # generous: a busy 2-core box running the suite on 3 workers
         if "run" in self.command or "console" in self.command:
-            wait_for_port(self.console_port, proc=self.proc)
+            wait_for_port(self.console_port, timeout=60.0, proc=self.proc)
         return self
 
-    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
         """Until the node's log says ``text`` (services without a port of their own)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
