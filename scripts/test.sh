@@ -25,4 +25,10 @@ if ((${#missing[@]})); then
 fi
 
 ./scripts/venv.sh test
-exec .venv/bin/python -m pytest "$@"
+if (($#)); then  # a file, a test, options: as asked, in one process
+  exec .venv/bin/python -m pytest "$@"
+fi
+# The whole suite: the node's tests on 3 workers (one file per worker: a file's tests share
+# their fixtures), then the appliance's QEMU tests alone, so a VM never competes with them.
+.venv/bin/python -m pytest -n 3 --dist loadfile --ignore=tests/appliance
+exec .venv/bin/python -m pytest tests/appliance
