@@ -44,8 +44,8 @@ EDGE = str(REPO / ".venv/bin/edge")
 GUEST_EDGE = "/opt/clinic-edge/venv/bin/edge"
 NODE_UNITS = ("edge-dicom", "edge-sync", "edge-console", "edge-ops")
 DR_AE = "DR1"
-BOOT_TIMEOUT = 420.0
-"""Power on to the node answering, under TCG on a loaded 2-core CI box (measured ~60–90 s)."""
+BOOT_TIMEOUT = 900.0
+"""Power on to the node answering, under TCG on a loaded 2-core box (measured 82–351 s for first boot)."""
 
 
 def _kill_seed() -> random.Random:
