@@ -296,7 +296,7 @@ def test_edge_doctor_in_the_box_passes_all_but_what_a_vm_lacks(box: Box) -> None
     print(run.stdout)
     items = {item["name"]: item for item in json.loads(run.stdout)}
     # What a VM in a loopback-only namespace truly lacks: a time server, a TPM2.
-    assert items["clock"]["verdict"] in ("pass", "warn", "fail")
+    assert "clock" in items  # any verdict: no time server is reachable from the namespace
     assert items["tpm"]["verdict"] == "warn" and "ESP" in items["tpm"]["detail"], items["tpm"]
     others = {name: item for name, item in items.items() if name not in ("clock", "tpm")}
     not_passing = {name: item for name, item in others.items() if item["verdict"] not in ("pass", "skip")}
@@ -342,8 +342,8 @@ def test_the_watchdog_restarts_a_stopped_service(box: Box) -> None:
         assert time.monotonic() < deadline, f"the stopped edge-sync was not restarted: {now}"
         time.sleep(3)
     assert f"MainPID={pid}\n" not in now
-    journal = box.guest_ok("journalctl -b -u edge-sync --no-pager | grep -i watchdog")
-    assert "Watchdog timeout" in journal or "watchdog" in journal.lower()
+    # grep fails (and guest_ok with it) unless systemd logged the watchdog for edge-sync.
+    box.guest_ok("journalctl -b -u edge-sync --no-pager | grep -i watchdog")
     box.guest_ok("rm -r /run/systemd/system/edge-sync.service.d && systemctl daemon-reload")
 
 
