@@ -28,8 +28,8 @@ fi
 if (($#)); then  # a file, a test, options: as asked, in one process
   exec .venv/bin/python -m pytest "$@"
 fi
-# The whole suite: the node's tests, then the appliance's QEMU tests alone, so a VM never
-# competes with them for the 2 cores. (`-n 3 --dist loadfile` runs the node's tests about
-# 1.7x faster; not the default until it has had three green runs in a row.)
-.venv/bin/python -m pytest --ignore=tests/appliance
+# The whole suite: the node's tests on three workers (a file stays on one worker: its
+# fixtures share peers), then the appliance's QEMU tests alone, so a VM never competes with
+# them for the 2 cores.
+.venv/bin/python -m pytest -n 3 --dist loadfile --ignore=tests/appliance
 exec .venv/bin/python -m pytest tests/appliance
