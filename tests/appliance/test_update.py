@@ -143,28 +143,6 @@ def variant_bundles(real: Path, version: str, work: Path) -> dict[str, Path]:
 # --- the box -------------------------------------------------------------------------------
 
 
-class StickVM(ApplianceVM):
-    """ApplianceVM whose extra disks carry their serial on the device (QEMU 7.2 refuses
-    ``-drive ...,if=virtio,serial=``: "Block format 'raw' does not support the option 'serial'"),
-    and whose card boots first (bootindex): OVMF otherwise tries the sticks first, and its saved
-    boot entries name PCI slots that move when the number of sticks changes (it then PXE-boots)."""
-
-    def qemu_argv(self) -> list[str]:
-        extras, self.extra_disks = self.extra_disks, []
-        try:
-            argv = super().qemu_argv()
-        finally:
-            self.extra_disks = extras
-        card = argv.index(next(a for a in argv if a.startswith(f"file={self.disk},")))
-        argv[card] = argv[card].replace(",if=virtio", ",if=none,id=card")
-        argv[card + 1:card + 1] = ["-device", "virtio-blk-pci,drive=card,bootindex=0"]
-        for i, extra in enumerate(extras):
-            argv += ["-drive", f"file={extra},format=raw,if=none,readonly=on,id=extra{i}",
-                     "-device", f"virtio-blk-pci,drive=extra{i},serial=extra{i}"]
-        return argv
-
-
-
 class UpdateBox(Box):
     bundles: dict[str, Path]
     variants: concurrent.futures.Future[dict[str, Path]]
@@ -272,7 +250,7 @@ def ubox(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_pat
     provision.write_text(provisioning(dr_port, proxy.port))
     shown = subprocess.run([EDGE, "provision", "--image-file", str(disk), "--from-file", str(provision)], capture_output=True, text=True, check=False)
     assert shown.returncode == 0, shown.stderr
-    vm = StickVM(disk, workdir / "vm", host_services=(proxy.port, dr_port))
+    vm = ApplianceVM(disk, workdir / "vm", host_services=(proxy.port, dr_port))
     b = UpdateBox(workdir, disk, built_image, orthanc, proxy, dr_port, vm, _kill_seed())
     b.version = built_image.version
     b.bundles = {

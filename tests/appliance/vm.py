@@ -233,7 +233,10 @@ class ApplianceVM:
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={self.vars}",
             # writeback honours the guest's flushes (FLUSH reaches the host file); not "unsafe".
-            "-drive", f"file={self.disk},format=raw,if=virtio,cache=writeback,discard=unmap",
+            # The card boots first: OVMF's saved entries name PCI slots, which move when sticks
+            # are added, and without bootindex it may try a stick or PXE before the card.
+            "-drive", f"file={self.disk},format=raw,if=none,id=card,cache=writeback,discard=unmap",
+            "-device", "virtio-blk-pci,drive=card,bootindex=0",
             "-netdev", f"user,id=n0,net=10.0.2.0/24{',' + forwards if forwards else ''}",
             "-device", "virtio-net-pci,netdev=n0",
             "-chardev", f"file,id=ser0,path={self.serial_log},append=on", "-serial", "chardev:ser0",
@@ -241,8 +244,9 @@ class ApplianceVM:
             "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             "-device", "virtio-rng-pci",
         ]
-        for i, extra in enumerate(self.extra_disks):
-            argv += ["-drive", f"file={extra},format=raw,if=virtio,readonly=on,serial=extra{i}"]
+        for i, extra in enumerate(self.extra_disks):  # the serial belongs on the device (QEMU 7.2)
+            argv += ["-drive", f"file={extra},format=raw,if=none,readonly=on,id=extra{i}",
+                     "-device", f"virtio-blk-pci,drive=extra{i},serial=extra{i}"]
         return argv
 
     def start(self) -> None:
