@@ -31,5 +31,5 @@ fi
 # The whole suite: the node's tests on three workers (a file stays on one worker: its
 # fixtures share peers), then the appliance's QEMU tests alone, so a VM never competes with
 # them for the 2 cores.
-.venv/bin/python -m pytest -n 3 --dist loadfile --ignore=tests/appliance
-exec .venv/bin/python -m pytest tests/appliance
+.venv/bin/python -m pytest -n 3 --dist loadfile --durations=15 --ignore=tests/appliance
+exec .venv/bin/python -m pytest --durations=0 tests/appliance

@@ -18,11 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.appliance.vm import OVMF_CODE
+from tests.appliance.vm import FIGURES, OVMF_CODE
 from tests.peers.fault_proxy import FaultProxy
 from tests.peers.orthanc import OrthancPeer
 
 REPO = Path(__file__).resolve().parents[2]
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("appliance figures")
+        for what, figure in FIGURES.items():
+            terminalreporter.write_line(f"FIGURE {what}: {figure}")
 
 
 def _missing() -> str | None:
@@ -62,6 +68,7 @@ def built_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     assert run.returncode == 0, f"image/build.sh failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
     summary = [line for line in run.stdout.splitlines() if line.startswith("build.sh:")]
     print("\n".join(summary), f"(test's clock: {time.monotonic() - started:.0f} s)")
+    FIGURES["image/build.sh (test's clock)"] = f"{time.monotonic() - started:.0f} s; " + "; ".join(summary)
     images = sorted(out.glob("clinic-edge-*.img"))
     assert len(images) == 1, f"expected one image in {out}: {images}"
     built = BuiltImage(images[0])

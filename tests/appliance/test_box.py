@@ -29,7 +29,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.appliance.conftest import REPO, BuiltImage
-from tests.appliance.vm import GUEST_HOST_ADDRESS, ApplianceVM, free_port
+from tests.appliance.vm import FIGURES, GUEST_HOST_ADDRESS, ApplianceVM, free_port
 from tests.conftest import DCMTK
 from tests.dicom_factory import make_dx
 from tests.edge.test_dicom_ingest import dataset_bytes
@@ -182,7 +182,7 @@ def box(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_path
     try:
         yield b
     finally:
-        print("\n".join(f"FIGURE {k}: {v}" for k, v in b.figures.items()))
+        FIGURES.update(b.figures)
         vm.close()
         dr.kill()
 

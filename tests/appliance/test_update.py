@@ -43,7 +43,7 @@ from tests.appliance.test_box import (
     _store,
     provisioning,
 )
-from tests.appliance.vm import ApplianceVM, GuestAgentError, free_port
+from tests.appliance.vm import FIGURES, ApplianceVM, GuestAgentError, free_port
 from tests.peers.fault_proxy import FaultProxy
 from tests.peers.orthanc import OrthancPeer
 
@@ -263,7 +263,7 @@ def ubox(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_pat
     try:
         yield b
     finally:
-        print("\n".join(f"FIGURE {k}: {v}" for k, v in b.figures.items()))
+        FIGURES.update(b.figures)
         vm.close()
         dr.kill()
         pool.shutdown(wait=True)

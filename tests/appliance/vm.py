@@ -32,6 +32,8 @@ from pathlib import Path
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+FIGURES: dict[str, str] = {}
+"""What the boxes measured (build, boots, memory, updates): conftest prints them after every run."""
 GUEST_HOST_ADDRESS = "10.0.2.2"
 """The namespace's loopback as the guest sees it (QEMU user-mode networking)."""
 
