@@ -109,7 +109,20 @@ def cmd_retry(config: EdgeConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+SERVING_COMMANDS = ("run", "serve")
+"""What a unit starts: these skip importing the other commands' modules (seconds on a slow box)."""
+
+
+def _serving(argv: Sequence[str]) -> bool:
+    """Is this ``edge [--config PATH] run|serve ...``?"""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--config" else 1
+    return i < len(argv) and argv[i] in SERVING_COMMANDS
+
+
+def build_parser(part_commands: bool = True) -> argparse.ArgumentParser:
+    """Every command; ``part_commands=False``: only the node's own (run, serve, studies, status, retry)."""
     parser = argparse.ArgumentParser(prog="edge", description="Clinic Edge node")
     parser.add_argument("--config", help=f"path to edge.toml (default: ${CONFIG_ENV} or ./edge.toml)")
     parser.add_argument("--version", action="version", version=f"edge {__version__}")
@@ -129,14 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("study", nargs="*", help="Study Instance UIDs (see edge studies)")
     retry.add_argument("--all", action="store_true", help="every quarantined instance")
     retry.set_defaults(func=cmd_retry)
-    for part in PARTS_IN_ORDER:  # ecg-*, kiosk, user, doctor, provision, discover, decommission
+    for part in PARTS_IN_ORDER if part_commands else ():  # ecg-*, kiosk, user, doctor, provision, discover, decommission
         if part.add_commands is not None:
             part.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(part_commands=not _serving(words)).parse_args(words)
     if getattr(args, "config_path_only", False):  # edge provision: writes the file, need not load it
         return int(args.func(resolve_config_path(args.config), args))
     try:
