@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.appliance.box import REPO, Box, BuiltImage, open_box
 from tests.appliance.vm import FIGURES, OVMF_CODE
 from tests.peers.fault_proxy import FaultProxy
 from tests.peers.orthanc import OrthancPeer
 
-REPO = Path(__file__).resolve().parents[2]
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if FIGURES:
@@ -48,13 +48,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for item in items:
             if "tests/appliance/" in str(item.fspath):
                 item.add_marker(pytest.mark.skip(reason=f"appliance tests: {why}"))
-
-
-class BuiltImage:
-    def __init__(self, img: Path) -> None:
-        self.img = img
-        self.update = img.with_suffix(".update")
-        self.version = img.stem.removeprefix("clinic-edge-")
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +79,11 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancPee
     finally:
         proxy.stop()
         orthanc.stop()
+
+
+@pytest.fixture(scope="session")
+def box(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    """The one box of the run: test_box.py's life, then test_update.py's updates, on the same card."""
+    orthanc, proxy = cloud
+    with open_box(built_image, orthanc, proxy, tmp_path_factory.mktemp("box")) as b:
+        yield b

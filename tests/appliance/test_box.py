@@ -1,7 +1,8 @@
 """One box's life, as a field engineer and a clinic live it, under real systemd in QEMU.
 
 The tests run in order on one card (a copy of the built image with room for the data
-partition), because that is how a box lives: a bad provisioning file first, then the
+partition; tests/appliance/box.py), because that is how a box lives (test_update.py then
+updates the same box): a bad provisioning file first, then the
 fixed one, first boot (with a power cut in the middle of it), the node's units, the
 watchdog and the sandbox, ``edge doctor``, memory, and power cuts during C-STORE, during
 an upload and while a report is fetched. Every power cut is a SIGKILL of QEMU: the
@@ -11,181 +12,29 @@ on the box byte-identical and reach the cloud exactly once, counted at the proxy
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
-import random
 import re
 import subprocess
 import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.appliance.conftest import REPO, BuiltImage
-from tests.appliance.vm import FIGURES, GUEST_HOST_ADDRESS, ApplianceVM, free_port
-from tests.conftest import DCMTK
+from tests.appliance.box import (
+    BOOT_TIMEOUT,
+    GUEST_EDGE,
+    NODE_UNITS,
+    Box,
+    provisioning,
+    series,
+    store,
+)
 from tests.dicom_factory import make_dx
-from tests.edge.test_dicom_ingest import dataset_bytes
-from tests.edge.test_power_cut import acknowledged_files
-from tests.peers.fault_proxy import FaultProxy
-from tests.peers.orthanc import OrthancPeer
 from tests.sync.test_reports import reader_sr
 
 pytestmark = [pytest.mark.appliance, pytest.mark.timeout(1500)]
-
-EDGE = str(REPO / ".venv/bin/edge")
-GUEST_EDGE = "/opt/clinic-edge/venv/bin/edge"
-NODE_UNITS = ("edge-dicom", "edge-sync", "edge-console", "edge-ops")
-DR_AE = "DR1"
-BOOT_TIMEOUT = 900.0
-"""Power on to the node answering, under TCG on a loaded 2-core box (measured 82–351 s for first boot)."""
-
-
-def _kill_seed() -> random.Random:
-    seed = int(os.environ.get("EDGE_POWER_CUT_SEED", str(int(time.time()))))
-    print(f"power cuts: EDGE_POWER_CUT_SEED={seed}")
-    return random.Random(seed)
-
-
-@dataclass
-class Box:
-    """The card, the VM booting it, and what the clinic sent to it."""
-
-    workdir: Path
-    disk: Path
-    image: BuiltImage
-    orthanc: OrthancPeer
-    proxy: FaultProxy
-    dr_port: int
-    vm: ApplianceVM
-    rng: random.Random
-    sent: dict[str, bytes] = field(default_factory=dict)
-    """SOP Instance UID -> SHA-256 of the dataset bytes of every instance storescu saw acknowledged."""
-    figures: dict[str, str] = field(default_factory=dict)
-    config_digest: str = ""
-
-    def power_on(self, extra_disks: tuple[Path, ...] = ()) -> None:
-        self.vm.extra_disks = list(extra_disks)
-        self.vm.start()
-
-    def power_cut(self) -> None:
-        self.vm.kill()
-
-    def guest(self, script: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-        return self.vm.agent.sh(script, timeout=timeout)
-
-    def guest_ok(self, script: str, timeout: float = 180.0) -> str:
-        run = self.guest(script, timeout)
-        assert run.returncode == 0, f"in the box: {script}\n{run.stdout}\n{run.stderr}"
-        return run.stdout
-
-    def echo(self, ae_title: str = "EDGE", calling: str = DR_AE) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(DCMTK / "echoscu"), "-to", "20", "-ta", "20", "-td", "20", "-aet", calling, "-aec", ae_title,
-             "127.0.0.1", str(self.vm.port(11112))],
-            capture_output=True, text=True, timeout=90,
-        )
-
-    def wait_echo(self, timeout: float = BOOT_TIMEOUT) -> float:
-        """Until the node answers C-ECHO; seconds since power on."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.vm.running():
-                raise AssertionError(f"the box stopped before it answered C-ECHO:\n{self.vm.serial_since_boot()[-3000:]}")
-            if self.echo().returncode == 0:
-                return time.monotonic() - self.vm.started_at
-            time.sleep(2)
-        raise AssertionError(f"no C-ECHO answer within {timeout:.0f} s:\n{self.vm.serial_since_boot()[-4000:]}")
-
-    def http(self, path: str, port: int = 8080) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.vm.port(port)}{path}"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(url, timeout=30) as resp:
-                return resp.status, resp.read().decode(errors="replace")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
-
-    def studies(self) -> list[dict[str, Any]]:
-        out = self.guest_ok(f"{GUEST_EDGE} --config /etc/clinic-edge/edge.toml studies --json", 240)
-        return list(json.loads(out))
-
-    def spool_digests(self) -> dict[str, str]:
-        """SOP Instance UID -> SHA-256 of the dataset bytes of every instance in the box's spool."""
-        script = (
-            "import hashlib, pathlib\n"
-            "for p in sorted(pathlib.Path('/var/lib/clinic-edge/data/spool').rglob('*.dcm')):\n"
-            "    raw = p.read_bytes(); n = int.from_bytes(raw[140:144], 'little')\n"
-            "    print(p.stem, hashlib.sha256(raw[144 + n:]).hexdigest())\n"
-        )
-        out = self.guest_ok(f"/opt/clinic-edge/venv/bin/python3 - <<'EOF'\n{script}EOF")
-        return dict(line.split() for line in out.splitlines() if line.strip())
-
-
-def provisioning(box_dr_port: int, proxy_port: int, *, bad: bool = False) -> str:
-    """What central ops hands the field engineer for this clinic (an edge.toml fragment)."""
-    key = base64.b64encode(os.urandom(32)).decode()
-    port_line = 'port = "eleven-one-one-two"' if bad else "port = 11112"
-    return f"""\
-[node]
-id = "clinic-0042"
-name = "Gugulethu Day Clinic"
-
-[dicom]
-ae_title = "EDGE"
-{port_line}
-modality_ae = "{DR_AE}"
-modality_host = "{GUEST_HOST_ADDRESS}"
-modality_port = {box_dr_port}
-allowed_calling_aets = ["{DR_AE}"]
-
-[cloud]
-dicomweb_url = "http://{GUEST_HOST_ADDRESS}:{proxy_port}/dicom-web"
-read_timeout_s = 20.0
-
-[sync]
-compress = "none"
-retry_min_s = 1.0
-retry_max_s = 5.0
-poll_interval_s = 2.0
-
-[reports]
-poll_interval_s = 3.0
-min_backoff_s = 2.0
-
-[kiosk]
-viewer_url_template = "https://film.gugulethu-region.test/film/{{token}}"
-
-[disk]
-luks_key = "{key}"
-"""
-
-
-@pytest.fixture(scope="module")
-def box(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
-    orthanc, proxy = cloud
-    workdir = tmp_path_factory.mktemp("box")
-    disk = workdir / "card.img"
-    subprocess.run(["cp", "--sparse=always", str(built_image.img), str(disk)], check=True)
-    subprocess.run(["truncate", "-s", "+6G", str(disk)], check=True)  # a 8 GB card
-    dr_port = free_port()
-    dr = subprocess.Popen([str(DCMTK / "storescp"), "-aet", DR_AE, str(dr_port)], cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    vm = ApplianceVM(disk, workdir / "vm", host_services=(proxy.port, dr_port))
-    b = Box(workdir, disk, built_image, orthanc, proxy, dr_port, vm, _kill_seed())
-    try:
-        yield b
-    finally:
-        FIGURES.update(b.figures)
-        vm.close()
-        dr.kill()
-
 
 def _esp_files(disk: Path) -> str:
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
@@ -240,10 +89,7 @@ def test_a_bad_provisioning_file_stops_first_boot_naming_the_key(box: Box, tmp_p
 
 
 def test_the_fixed_file_provisions_once_even_with_a_power_cut_during_first_boot(box: Box, tmp_path: Path) -> None:
-    good = tmp_path / "node.toml"
-    good.write_text(provisioning(box.dr_port, box.proxy.port))
-    shown = subprocess.run([EDGE, "provision", "--image-file", str(box.disk), "--from-file", str(good)], capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr
+    shown = box.provision(tmp_path)  # edge provision --image-file, as the field engineer does
     assert "last first boot failed" in shown.stdout + shown.stderr
 
     # Power cut #1: somewhere inside first boot (after the disk stage started).
@@ -358,43 +204,6 @@ def test_the_sandbox_keeps_a_service_inside_its_data_directory(box: Box) -> None
     box.guest_ok(f"{inside} touch /var/lib/clinic-edge/data/edge-sandbox-probe && rm /var/lib/clinic-edge/data/edge-sandbox-probe")
 
 
-def _series(folder: Path, count: int, study_uid: str, seed: int) -> dict[Path, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid()
-    files = {}
-    for i in range(count):
-        path = folder / f"img{i:02d}.dcm"
-        ds = make_dx(path, rows=512, cols=512, study_uid=study_uid, series_uid=series_uid, accession=f"PC{seed}", seed=seed * 100 + i)
-        files[path] = str(ds.SOPInstanceUID)
-    return files
-
-
-def _store(box: Box, files: dict[Path, str], *, cut_after: int | None = None) -> list[Path]:
-    """storescu from the DR's side; with ``cut_after``, the power goes after that many acks (+ a random bit)."""
-    sender = subprocess.Popen(
-        [str(DCMTK / "storescu"), "-v", "-to", "30", "-ta", "30", "-td", "60", "-aet", DR_AE, "-aec", "EDGE", "127.0.0.1",
-         str(box.vm.port(11112)), *map(str, sorted(files))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-    )
-    assert sender.stdout is not None
-    output: list[str] = []
-    acks = 0
-    for line in sender.stdout:
-        output.append(line)
-        if cut_after is not None and "Received Store Response (Success)" in line:
-            acks += 1
-            if acks == cut_after:
-                time.sleep(box.rng.uniform(0.0, 0.5))
-                box.power_cut()
-                break
-    output += sender.stdout.readlines()
-    sender.wait(120)
-    acked = acknowledged_files("".join(output))
-    for path in acked:
-        box.sent[files[path]] = hashlib.sha256(dataset_bytes(path)).hexdigest().encode()
-    return acked
-
-
 def _assert_acknowledged_kept_and_uploaded_once(box: Box, timeout: float = 300.0) -> None:
     kept = box.spool_digests()
     for sop, digest in box.sent.items():
@@ -410,9 +219,9 @@ def _assert_acknowledged_kept_and_uploaded_once(box: Box, timeout: float = 300.0
 
 
 def test_power_cut_during_c_store_keeps_every_acknowledged_instance(box: Box, tmp_path: Path) -> None:
-    files = _series(tmp_path / "s1", 24, generate_uid(), 1)
+    files = series(tmp_path / "s1", 24, generate_uid(), 1)
     box.proxy.set_mode("hang")  # the uplink is down: everything stays on the box
-    acked = _store(box, files, cut_after=box.rng.randint(2, 18))
+    acked = store(box, files, cut_after=box.rng.randint(2, 18))
     assert 0 < len(acked) < len(files), "the power cut did not land mid-series"
     box.proxy.set_mode("pass")
     box.power_on()
@@ -422,10 +231,10 @@ def test_power_cut_during_c_store_keeps_every_acknowledged_instance(box: Box, tm
 
 
 def test_power_cut_during_an_upload_uploads_exactly_once(box: Box, tmp_path: Path) -> None:
-    files = _series(tmp_path / "s2", 12, generate_uid(), 2)
+    files = series(tmp_path / "s2", 12, generate_uid(), 2)
     box.proxy.set_mode("slow", bps=400_000)  # a slow shared uplink: uploads take a while
     seen = len(box.proxy.requests)  # (never clear the proxy: it counts every upload of the whole box's life)
-    acked = _store(box, files)
+    acked = store(box, files)
     assert len(acked) == len(files)
     deadline = time.monotonic() + 240
     while not any(r.is_stow and r.finished is None for r in box.proxy.requests[seen:]):
@@ -443,7 +252,7 @@ def test_power_cut_while_a_report_is_fetched_then_the_report_arrives_once(box: B
     image_path = tmp_path / "cr.dcm"
     study_uid = generate_uid()
     image = make_dx(image_path, rows=256, cols=256, study_uid=study_uid, accession="REP1")
-    acked = _store(box, {image_path: str(image.SOPInstanceUID)})
+    acked = store(box, {image_path: str(image.SOPInstanceUID)})
     assert acked == [image_path]
     _assert_acknowledged_kept_and_uploaded_once(box)
     box.proxy.set_mode("hang", forward=True)  # the report's fetch reaches the cloud, its answer never comes back
