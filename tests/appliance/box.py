@@ -102,6 +102,7 @@ class Box:
     provisioned: bool = False
     """A good provisioning file has been written to the card (first boot may still be under way)."""
     study_uid: str = ""
+    later_boots: list[float] = field(default_factory=list)
     """A study stored before any update: it must outlive every one."""
 
     @property
@@ -163,6 +164,14 @@ class Box:
                 return time.monotonic() - self.vm.started_at
             time.sleep(2)
         raise AssertionError(f"no C-ECHO answer within {timeout:.0f} s:\n{self.vm.serial_since_boot()[-4000:]}")
+
+    def later_boot_echo(self) -> float:
+        """wait_echo on a boot that is not the first: its time joins the figure of later boots."""
+        seconds = self.wait_echo()
+        self.later_boots.append(seconds)
+        self.figures["power on -> C-ECHO answered, later boots (after power cuts)"] = (
+            f"{min(self.later_boots):.0f}–{max(self.later_boots):.0f} s over {len(self.later_boots)} boots ({self.vm.accel})")
+        return seconds
 
     def http(self, path: str, port: int = 8080) -> tuple[int, str]:
         url = f"http://127.0.0.1:{self.vm.port(port)}{path}"

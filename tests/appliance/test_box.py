@@ -225,7 +225,7 @@ def test_power_cut_during_c_store_keeps_every_acknowledged_instance(box: Box, tm
     assert 0 < len(acked) < len(files), "the power cut did not land mid-series"
     box.proxy.set_mode("pass")
     box.power_on()
-    box.wait_echo()
+    box.later_boot_echo()
     _assert_not_provisioned_again(box)
     _assert_acknowledged_kept_and_uploaded_once(box)
 
@@ -244,7 +244,7 @@ def test_power_cut_during_an_upload_uploads_exactly_once(box: Box, tmp_path: Pat
     box.power_cut()
     box.proxy.set_mode("pass")
     box.power_on()
-    box.wait_echo()
+    box.later_boot_echo()
     _assert_acknowledged_kept_and_uploaded_once(box)
 
 
@@ -267,7 +267,7 @@ def test_power_cut_while_a_report_is_fetched_then_the_report_arrives_once(box: B
     box.power_cut()
     box.proxy.set_mode("pass")
     box.power_on()
-    box.wait_echo()
+    box.later_boot_echo()
     deadline = time.monotonic() + 240
     while True:
         study = next(s for s in box.studies() if s["study_instance_uid"] == study_uid)
