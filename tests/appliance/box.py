@@ -38,7 +38,7 @@ from tests.appliance.vm import (
 from tests.conftest import DCMTK
 from tests.dicom_factory import make_dx
 from tests.edge.test_dicom_ingest import dataset_bytes
-from tests.edge.test_power_cut import acknowledged_files
+from tests.edge.test_power_cut import store_and_cut
 from tests.peers.fault_proxy import FaultProxy
 from tests.peers.orthanc import OrthancPeer
 
@@ -412,25 +412,13 @@ def series(folder: Path, count: int, study_uid: str, seed: int) -> dict[Path, st
 
 def store(box: Box, files: dict[Path, str], *, cut_after: int | None = None) -> list[Path]:
     """storescu from the DR's side; with ``cut_after``, the power goes after that many acks (+ a random bit)."""
-    sender = subprocess.Popen(
-        [str(DCMTK / "storescu"), "-v", "-to", "30", "-ta", "30", "-td", "60", "-aet", DR_AE, "-aec", "EDGE", "127.0.0.1",
-         str(box.vm.port(11112)), *map(str, sorted(files))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-    )
-    assert sender.stdout is not None
-    output: list[str] = []
-    acks = 0
-    for line in sender.stdout:
-        output.append(line)
-        if cut_after is not None and "Received Store Response (Success)" in line:
-            acks += 1
-            if acks == cut_after:
-                time.sleep(box.rng.uniform(0.0, 0.5))
-                box.power_cut()
-                break
-    output += sender.stdout.readlines()
-    sender.wait(120)
-    acked = acknowledged_files("".join(output))
+    def cut() -> None:
+        time.sleep(box.rng.uniform(0.0, 0.5))
+        box.power_cut()
+
+    argv = [str(DCMTK / "storescu"), "-v", "-to", "30", "-ta", "30", "-td", "60", "-aet", DR_AE, "-aec", "EDGE", "127.0.0.1",
+            str(box.vm.port(11112)), *map(str, sorted(files))]
+    acked = store_and_cut(argv, cut_after, cut, wait_s=120)
     for path in acked:
         box.sent[files[path]] = hashlib.sha256(dataset_bytes(path)).hexdigest().encode()
     return acked

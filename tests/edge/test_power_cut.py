@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,25 @@ def acknowledged_files(storescu_output: str) -> list[Path]:
     return acked
 
 
+def store_and_cut(argv: list[str], after_acks: int | None, cut: Callable[[], None], wait_s: float = 30.0) -> list[Path]:
+    """Run ``storescu -v`` (``argv``); after ``after_acks`` Success responses call ``cut`` (the
+    power goes) and stop sending; the files storescu saw acknowledged, in order."""
+    sender = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    assert sender.stdout is not None
+    output: list[str] = []
+    acks = 0
+    for line in sender.stdout:
+        output.append(line)
+        if after_acks is not None and "Received Store Response (Success)" in line:
+            acks += 1
+            if acks == after_acks:
+                cut()
+                break
+    output += sender.stdout.readlines()
+    sender.wait(wait_s)
+    return acknowledged_files("".join(output))
+
+
 # (seed, acknowledgements to wait for before the cut): early, middle and late in the series.
 KILL_POINTS = [(1101, 1), (2202, 9), (3303, 17), (4404, 26)]
 
@@ -64,25 +84,14 @@ def test_acknowledged_instances_survive_a_power_cut(
     print(f"power cut: seed {seed}, after {after_acks} acknowledgements + {delay * 1000:.1f} ms")
     node = node_factory().start()
     files = sorted(series)
-    sender = subprocess.Popen(
-        [str(DCMTK / "storescu"), "-v", "-aet", "DR1", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-    )
-    assert sender.stdout is not None
-    output: list[str] = []
-    acks = 0
-    for line in sender.stdout:
-        output.append(line)
-        if "Received Store Response (Success)" in line:
-            acks += 1
-            if acks == after_acks:
-                time.sleep(delay)
-                node.kill()  # SIGKILL: no clean-up runs, as in a power cut
-                break
-    output += sender.stdout.readlines()
-    sender.wait(30)
+
+    def cut() -> None:
+        time.sleep(delay)
+        node.kill()  # SIGKILL: no clean-up runs, as in a power cut
+
+    argv = [str(DCMTK / "storescu"), "-v", "-aet", "DR1", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)]
+    acked = store_and_cut(argv, after_acks, cut)
     assert node.proc is not None and node.proc.returncode == -9, "the node was not cut mid-transfer"
-    acked = acknowledged_files("".join(output))
     assert len(acked) >= after_acks
     assert len(acked) < SERIES_SIZE, "the whole series went through before the cut"
 
