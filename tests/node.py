@@ -7,6 +7,7 @@ It imports no pytest, so bench/ runs these same helpers from the run-only venv
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -27,10 +28,33 @@ CHROMIUM_ARGS = [
 ]
 
 
+_PORT_BLOCK = 2000
+_PORTS_FIRST = 12000
+"""Below the kernel's ephemeral range (32768-60999): no outgoing connection's own port lands here."""
+_next_port = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and never handed out twice in this run, in this worker's own block.
+
+    ``bind(0)`` hands every process ports from the one ephemeral range, so a port one xdist
+    worker freed (a peer between restarts) could be given to another worker's listener; each
+    worker (``PYTEST_XDIST_WORKER`` gwN) has a block of its own instead.
+    """
+    global _next_port
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    block = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    first = _PORTS_FIRST + (block % 10) * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = first + _next_port % _PORT_BLOCK
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + _PORT_BLOCK - 1}")
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:

@@ -33,10 +33,10 @@ from tests.appliance.vm import (
     GUEST_HOST_ADDRESS,
     ApplianceVM,
     GuestAgentError,
-    free_port,
 )
 from tests.conftest import DCMTK
 from tests.dicom_factory import make_dx
+from tests.node import free_port
 from tests.edge.test_dicom_ingest import dataset_bytes
 from tests.edge.test_power_cut import store_and_cut
 from tests.peers.fault_proxy import FaultProxy

@@ -30,18 +30,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.node import free_port
+
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 FIGURES: dict[str, str] = {}
 """What the boxes measured (build, boots, memory, updates): conftest prints them after every run."""
 GUEST_HOST_ADDRESS = "10.0.2.2"
 """The namespace's loopback as the guest sees it (QEMU user-mode networking)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def kvm_usable() -> bool:

@@ -16,7 +16,6 @@ import base64
 import ctypes
 import json
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,17 +23,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.node import free_port
+
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOMWEB_ROOT = "/dicom-web/"
 
 _PR_SET_PDEATHSIG = 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -74,8 +69,8 @@ class OrthancPeer:
         self.aet = aet
         self.extra_config = extra_config or {}
         self.startup_timeout = startup_timeout
-        self.http_port = _free_port()
-        self.dicom_port: int | None = _free_port() if dicom else None
+        self.http_port = free_port()
+        self.dicom_port: int | None = free_port() if dicom else None
         self.proc: subprocess.Popen[bytes] | None = None
         self._ever_started = False
         atexit.register(self.kill)
@@ -149,9 +144,9 @@ class OrthancPeer:
                 self._wait_ready()
             except RuntimeError:
                 if attempt + 1 < attempts and "port" in self.log_tail().lower():
-                    self.http_port = _free_port()  # lost a race for the port: take another
+                    self.http_port = free_port()  # lost a race for the port: take another
                     if self.dicom_enabled:
-                        self.dicom_port = _free_port()
+                        self.dicom_port = free_port()
                     continue
                 raise
             self._ever_started = True
