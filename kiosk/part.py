@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from typing import TYPE_CHECKING
+
 from edge.part import NodeContext, Part, ServiceFactory
 from edge.service import Service
 from edge.store.migrations import Schema
@@ -12,7 +14,18 @@ from kiosk import tables
 from kiosk.config import KioskSection
 from kiosk.doctor import check_printer
 from kiosk.printer_state import PrinterCollector
-from kiosk.viewer_token import check_film_link
+
+if TYPE_CHECKING:
+    from edge.node.config import EdgeConfig
+    from edge.part import DoctorItem
+
+
+def check_film_link(config: EdgeConfig) -> DoctorItem:
+    """kiosk.viewer_token's check, imported when edge doctor runs: every service imports this
+    file, and the signing key's library (cryptography) costs seconds on the box's CPU."""
+    from kiosk.viewer_token import check_film_link as check
+
+    return check(config)
 
 
 def build_kiosk(context: NodeContext) -> Service:

@@ -49,12 +49,12 @@ from edge.dicom.modalities import ModalityDirectory
 from edge.dicom.status import failure_status
 from edge.store.db import database
 from edge.store.spool import (
-    DecodeLimits,
     KeptInstance,
     RejectedInstance,
     Spool,
     keep_instance,
 )
+from edge.store.walk import DecodeLimits
 
 if TYPE_CHECKING:  # the whole config is the roof's; a part only reads it
     from edge.node.config import EdgeConfig

@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 
 from peewee import fn
-from pydicom.uid import generate_uid
 
 from edge.orders.accession import accession_number
 from edge.orders.const import CHEST_XRAY, ECG_EXAM, ECG_MODALITY, SEXES
@@ -130,6 +129,8 @@ def validate(form: Registration, choices: list[ExamChoice], today: dt.date | Non
 def create_order(patient: Patient, *, node_id: str, station_ae: str, by: str, client: str = "",
                  now: dt.datetime | None = None) -> Order:
     """The visit and its scheduled order, with a fresh accession number, in one transaction."""
+    from pydicom.uid import generate_uid  # here, not at import: the console starts without pydicom
+
     local = now or dt.datetime.now()
     with write_transaction():
         seq = int(Order.select(fn.COALESCE(fn.MAX(Order.seq), 0)).scalar() or 0) + 1

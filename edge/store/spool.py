@@ -14,17 +14,20 @@ import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peewee import DatabaseError
-from pydicom.datadict import tag_for_keyword
 
 from edge.dicom_uid import is_uid
 from edge.files import fsync_dir, publish
 from edge.store.const import ECG_SOP_CLASSES, PRIORITY_ECG, PRIORITY_ROUTINE, SPOOL_DIR, TMP_DIR, SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Series, Study, log_event, utcnow
-from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
+
+if TYPE_CHECKING:
+    from edge.store.walk import DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,14 @@ _HEADER_TAGS = [
     "StudyDate",
     "Modality",
 ]
-# The values the walk keeps; the character set so that they decode as the sender wrote them.
-_WANTED_TAGS = frozenset(int(tag_for_keyword(name) or 0) for name in [*_HEADER_TAGS, "SpecificCharacterSet"])
+
+
+@cache
+def _wanted_tags() -> frozenset[int]:
+    """The values the walk keeps; the character set so that they decode as the sender wrote them."""
+    from pydicom.datadict import tag_for_keyword
+
+    return frozenset(int(tag_for_keyword(name) or 0) for name in [*_HEADER_TAGS, "SpecificCharacterSet"])
 
 
 class RejectedInstance(Exception):
@@ -104,9 +113,13 @@ def read_header(path: Path, limits: DecodeLimits | None = None) -> InstanceHeade
     deflate ratio, element count) is 0xA700; truncated, garbage after it, elements out of
     order, a broken deflate stream is 0xC000.
     """
+    # pydicom (and numpy and PIL with it) only where a file is read: the console and ops
+    # services use the spool without, and each import costs seconds on the box's CPU.
+    from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
+
     limits = limits or DecodeLimits()
     try:
-        walked = walk_instance(path, limits, _WANTED_TAGS)
+        walked = walk_instance(path, limits, _wanted_tags())
     except OverLimit as exc:
         raise RejectedInstance(0xA700, exc.reason) from None
     except Malformed as exc:
