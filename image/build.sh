@@ -47,7 +47,7 @@ NAME="clinic-edge-$VERSION"
 PACKAGES=$(grep -v '^\s*#' image/packages.txt | grep -v '^\s*$' | paste -sd, -)
 
 run() {  # every step is printed; --dry-run prints only
-  echo "+ $*"
+  echo "+ [$(($(date +%s) - started)) s] $*"
   if ((DRY_RUN == 0)); then "$@"; fi
 }
 
@@ -156,7 +156,7 @@ if ((DRY_RUN == 0)); then
   touch -d "@$SOURCE_DATE_EPOCH" "$SLOT/vmlinuz" "$SLOT/initrd.img"
 fi
 # SOURCE_DATE_EPOCH (exported) sets every timestamp in the squashfs.
-run mksquashfs "$ROOT" "$SLOT/root.squashfs" -comp zstd -noappend -quiet -no-progress -no-xattrs -processors 2
+run mksquashfs "$ROOT" "$SLOT/root.squashfs" -comp zstd -Xcompression-level 8 -noappend -quiet -no-progress -no-xattrs -processors 2
 if ((DRY_RUN == 0)); then
   PYTHONPATH=. python3 -m edge.appliance.bundle "$SLOT" "$VERSION" "$COMMIT" $((SLOT_MB * 1024 * 1024)) > "$SLOT/manifest.json"
   touch -d "@$SOURCE_DATE_EPOCH" "$SLOT/manifest.json"

@@ -28,8 +28,20 @@ fi
 if (($#)); then  # a file, a test, options: as asked, in one process
   exec .venv/bin/python -m pytest "$@"
 fi
-# The whole suite: the node's tests on three workers (a file stays on one worker: its
-# fixtures share peers), then the appliance's QEMU tests alone, so a VM never competes with
-# them for the 2 cores.
-.venv/bin/python -m pytest -n 3 --dist loadfile --durations=15 --ignore=tests/appliance
-exec .venv/bin/python -m pytest --durations=0 tests/appliance
+# The whole suite: the appliance's QEMU tests (image build, then one emulated box's life:
+# mostly a VM booting and waiting) start first, in the background; the node's tests run beside
+# them on three workers (a file stays on one worker: its fixtures share peers). Their output
+# follows the node's; either failing fails the run.
+appliance_log=$(mktemp /tmp/clinic-edge-appliance.XXXXXX.log)
+.venv/bin/python -m pytest --durations=0 -p no:cacheprovider --basetemp=/tmp/clinic-edge-appliance-tmp tests/appliance > "$appliance_log" 2>&1 &
+appliance=$!
+trap 'kill "$appliance" 2>/dev/null || true' EXIT
+node_rc=0
+.venv/bin/python -m pytest -n 3 --dist loadfile --durations=15 --ignore=tests/appliance || node_rc=$?
+appliance_rc=0
+wait "$appliance" || appliance_rc=$?
+trap - EXIT
+echo "=== the appliance's tests (QEMU), run beside the node's ==="
+cat "$appliance_log"
+rm -f "$appliance_log"
+((node_rc == 0 && appliance_rc == 0)) || { echo "test.sh: node tests rc=$node_rc, appliance tests rc=$appliance_rc" >&2; exit 1; }

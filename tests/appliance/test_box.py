@@ -63,7 +63,7 @@ def test_a_card_without_provisioning_boots_safe_and_says_what_is_missing(box: Bo
     assert "not provisioned" in box.vm.serial_since_boot()
     assert "edge-dicom" not in box.guest_ok("systemctl list-units --state=active --no-legend 'edge-*'")
     assert box.guest("test -e /dev/disk/by-partlabel/edge-data").returncode != 0, "no data partition without provisioning"
-    box.guest_ok("systemctl poweroff")
+    box.vm.agent.power_off()
     assert box.vm.wait_exit(180) == 0
 
 
@@ -82,7 +82,7 @@ def test_a_bad_provisioning_file_stops_first_boot_naming_the_key(box: Box, tmp_p
     status, page = box.http("/")
     assert status == 503 and "First boot failed" in page and "[dicom] port" in page
     assert "edge-dicom" not in box.guest_ok("systemctl list-units --state=active --no-legend 'edge-*'")
-    box.guest_ok("systemctl poweroff")
+    box.vm.agent.power_off()
     assert box.vm.wait_exit(120) == 0
     assert "[dicom] port" in _esp_read(box.disk, "firstboot-error.txt")
     assert "edge-provision.toml" in _esp_files(box.disk), "the bad file must stay for the engineer to fix"

@@ -187,6 +187,17 @@ class GuestAgent:
     def sh(self, script: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return self.run("/bin/sh", "-c", script, timeout=timeout)
 
+    def power_off(self) -> None:
+        """A clean shutdown, as the power button asks for one (qemu-ga's guest-shutdown).
+
+        It sends no answer (qemu-ga docs): the agent is stopped with the rest, so waiting
+        for the result of ``systemctl poweroff`` would race the shutdown itself.
+        """
+        with self._connection(30.0) as s:
+            buf = [b""]
+            self._synced(s, buf)
+            s.sendall(json.dumps({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}).encode() + b"\n")
+
 
 class ApplianceVM:
     """One box: its disk image, its firmware variables (NVRAM), its ports on the host.
