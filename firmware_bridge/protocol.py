@@ -9,8 +9,8 @@ from __future__ import annotations
 import struct
 from binascii import crc_hqx
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
 from cobs import cobs
 
 from firmware_bridge.const import (
@@ -21,6 +21,9 @@ from firmware_bridge.const import (
     PROTOCOL_VERSION,
     Msg,
 )
+
+if TYPE_CHECKING:  # numpy where samples are unpacked: the console imports this module for the boxes' page
+    import numpy as np
 
 _HEADER = struct.Struct("<BBH")  # version, type, sequence
 CRC_INIT = 0xFFFF  # CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF; check("123456789") = 0x29B1
@@ -261,6 +264,8 @@ class Samples:
         body = payload[cls._S.size : cls._S.size + 2 * n * leads]
         if len(body) != 2 * n * leads:
             raise ProtocolError("SAMPLES: short block")
+        import numpy as np
+
         return cls(rec_id, first, np.frombuffer(body, dtype="<i2").reshape(n, leads))
 
 

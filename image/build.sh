@@ -46,9 +46,10 @@ VERSION="${EDGE_IMAGE_VERSION:-$BASE_VERSION+g$COMMIT}"
 NAME="clinic-edge-$VERSION"
 PACKAGES=$(grep -v '^\s*#' image/packages.txt | grep -v '^\s*$' | paste -sd, -)
 
-run() {  # every step is printed; --dry-run prints only
+run() {  # every step is printed (a build: with the seconds since it started); --dry-run prints only
+  if ((DRY_RUN)); then echo "+ $*"; return; fi
   echo "+ [$(($(date +%s) - started)) s] $*"
-  if ((DRY_RUN == 0)); then "$@"; fi
+  "$@"
 }
 
 if ((DRY_RUN == 0)) && [[ $(id -u) -ne 0 ]]; then

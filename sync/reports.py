@@ -42,12 +42,9 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from peewee import JOIN, Expression, fn
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from tenacity import wait_exponential_jitter
 
 from edge.dicom_uid import is_uid
@@ -57,7 +54,6 @@ from edge.store.const import ReportState, SyncState
 from edge.store.db import write_transaction
 from edge.store.models import Instance, Outbox, Study, log_event, utcnow
 from edge.store.rows import rows
-from edge.store.walk import DecodeLimits, Malformed, OverLimit, walk_instance
 from sync.backoff import wait_before_attempt
 from sync.dicomweb import (
     ENCAPSULATED_PDF,
@@ -72,6 +68,11 @@ from sync.dicomweb import (
     split_uid_list,
 )
 from sync.tables import Report, ReportPoll, ReportRetry
+
+if TYPE_CHECKING:  # pydicom is imported where a report is read: the console and kiosk start without it
+    from pydicom.dataset import Dataset
+
+    from edge.store.walk import DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class ReportSettings:
 
     @property
     def decode_limits(self) -> DecodeLimits:
+        from edge.store.walk import DecodeLimits
+
         return DecodeLimits(self.max_report_bytes, self.max_deflate_ratio, MAX_REPORT_ELEMENTS, "[reports] max_report_mb")
 
 
@@ -656,6 +659,11 @@ class ReportPuller:
 
     def _read_report(self, study_uid: str, sop_uid: str, path: Path) -> _Fetched:
         """Check the fetched file is this study's report and turn it into what the kiosk shows."""
+        from pydicom import dcmread
+        from pydicom.errors import InvalidDicomError
+
+        from edge.store.walk import Malformed, OverLimit, walk_instance
+
         try:  # before pydicom holds it whole: a deflated or flooded file could cost any amount
             walk_instance(path, self.settings.decode_limits)
         except (OverLimit, Malformed) as exc:
@@ -862,6 +870,8 @@ def _settle(study: Study, before: Report | None, now: dt.datetime) -> str:
 
 def _reading_doctor(ds: Dataset) -> tuple[str, str]:
     """(name, VerificationDateTime) of the latest verifying observer; else the author's name and ""."""
+    from pydicom.dataset import Dataset
+
     observers = [o for o in (ds.get("VerifyingObserverSequence") or [])[:20] if isinstance(o, Dataset)]
     if observers:
         latest = max(observers, key=lambda o: _dt_key(str(o.get("VerificationDateTime", "") or "")))

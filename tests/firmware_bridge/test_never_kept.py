@@ -156,12 +156,12 @@ def test_an_ecg_the_disk_cannot_read_back_is_storage_not_unsupported(
     tmp_path: Path, store: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EIO reading the header back (a failing SD card) is the disk's fault, not the recording's."""
-    import edge.store.spool as spool_module
+    import edge.store.walk as walk_module  # where the spool's header read takes it from, at each read
 
     def failing_walk(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(spool_module, "walk_instance", failing_walk)
+    monkeypatch.setattr(walk_module, "walk_instance", failing_walk)
     session = box_session(tmp_path, store)
     box = SessionBox(session)
     box.say(Msg.HELLO, _hello("ECG-EIO").pack())
