@@ -78,6 +78,10 @@ def apply_steps(db: SqliteDatabase, package: str, steps: Sequence[MigrationStep]
     ran = 0
     for version, step in enumerate(steps[done:], start=done + 1):
         with db.atomic("IMMEDIATE"):
+            # The box's services start together on a fresh card: another may have applied this
+            # step since the count above (it failed the UNIQUE index, and that service's start).
+            if SchemaMigration.select().where((SchemaMigration.package == package) & (SchemaMigration.version == version)).exists():
+                continue
             step(db)
             SchemaMigration.create(package=package, version=version, applied_at=utcnow())
         log.info("schema: %s migrated to version %d", package, version)

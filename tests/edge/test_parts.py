@@ -99,6 +99,22 @@ def test_a_fresh_database_gets_the_same_tables_from_the_registry_as_from_the_old
     assert {n for n, sql in new_schema.items() if sql.startswith("CREATE TABLE")} == declared_tables | {"schema_migration"}
 
 
+def test_the_services_migrating_a_fresh_card_together_all_start(tmp_path: Path) -> None:
+    """On a box's first boot its services open the new database at the same moment: each must
+    come up (one used to lose a race for a migration step and fail its start)."""
+    script = ("import sys; from pathlib import Path; import edge.node.parts; from edge.store.db import open_database; "
+              "open_database(Path(sys.argv[1])); print('ok')")
+    for attempt in range(3):
+        data = tmp_path / f"card{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        results = [(p.wait(120), *p.communicate()) for p in procs]
+        assert [r for r in results if r[0] != 0 or r[1].strip() != "ok"] == [], results
+        with sqlite3.connect(data / "edge.db") as db:
+            rows = db.execute("select package, version, count(*) from schema_migration group by package, version").fetchall()
+        assert rows and all(count == 1 for _, _, count in rows), rows
+
+
 def test_the_bridge_boxes_are_in_the_fleet_figures_because_its_part_says_so(tmp_path: Path) -> None:
     from edge.ops.metrics import fleet_registry
     from firmware_bridge.metrics import BridgeCollector
