@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def _packages() -> list[str]:
 
 
 def test_scripts_parse() -> None:
-    for script in ("build.sh", "firstboot.sh", "flash.sh", "appliance-config.sh"):
+    for script in ("build.sh", "compare.sh", "firstboot.sh", "flash.sh", "appliance-config.sh"):
         result = subprocess.run(["bash", "-n", str(IMAGE / script)], capture_output=True, check=False, text=True)
         assert result.returncode == 0, (script, result.stderr)
 
@@ -245,3 +246,49 @@ def test_a_file_without_the_data_key_is_named_on_the_card(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "no [disk] luks_key" in node.errors.read_text()
     assert "cryptsetup" not in result.stdout
+
+
+def _fake_image(tmp_path: Path, name: str, root_text: str, esp_text: str) -> Path:
+    """A sparse disk with build.sh's offsets: a FAT ESP at 1 MiB, a squashfs root A at 257 MiB."""
+    if not all(shutil.which(t) for t in ("mksquashfs", "mkfs.vfat", "mcopy")):
+        pytest.skip("needs squashfs-tools, dosfstools and mtools")
+    work = tmp_path / name
+    (work / "root/etc").mkdir(parents=True)
+    (work / "root/etc/version").write_text(root_text)
+    (work / "entry.conf").write_text(esp_text)
+    for made in (work / "root/etc/version", work / "root/etc", work / "root", work / "entry.conf"):
+        os.utime(made, (1700000000, 1700000000))  # as build.sh does: SOURCE_DATE_EPOCH, not the clock
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000", "MTOOLS_SKIP_CHECK": "1"}
+    for argv in (
+        ["mksquashfs", str(work / "root"), str(work / "root.sq"), "-noappend", "-quiet", "-no-progress", "-no-xattrs"],
+        ["mkfs.vfat", "-C", "-F", "32", "-i", "0ed6e000", "--invariant", str(work / "esp.img"), str(256 * 1024)],
+        ["mcopy", "-m", "-i", str(work / "esp.img"), str(work / "entry.conf"), "::/entry.conf"],
+    ):
+        subprocess.run(argv, check=True, capture_output=True, env=env)
+    img = work / "clinic-edge.img"
+    subprocess.run(["truncate", "-s", f"{1 + 256 + 768}M", str(img)], check=True)
+    for part, seek in (("esp.img", 1), ("root.sq", 257)):
+        subprocess.run(["dd", f"if={work / part}", f"of={img}", "bs=1M", f"seek={seek}", "conv=notrunc,sparse", "status=none"], check=True)
+    return img
+
+
+def _compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(IMAGE / "compare.sh"), str(a), str(b)], capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_compare_says_two_builds_are_the_same_or_names_the_part_and_file_that_differs(tmp_path: Path) -> None:
+    one = _fake_image(tmp_path, "one", "0.1.0\n", "title Clinic Edge\n")
+    same = _compare(one, _fake_image(tmp_path, "again", "0.1.0\n", "title Clinic Edge\n"))
+    assert same.returncode == 0 and same.stdout.startswith("same: the two images are the same bytes"), same.stdout + same.stderr
+
+    root = _compare(one, _fake_image(tmp_path, "root", "0.1.1\n", "title Clinic Edge\n"))
+    assert root.returncode == 1, root.stdout + root.stderr
+    assert "same: GPT" in root.stdout and "same: ESP" in root.stdout
+    assert "DIFFERS: root A" in root.stdout and "/etc/version" in root.stdout
+
+    esp = _compare(one, _fake_image(tmp_path, "esp", "0.1.0\n", "title Clinic Edge, other\n"))
+    assert esp.returncode == 1 and "DIFFERS: ESP" in esp.stdout and "entry.conf" in esp.stdout, esp.stdout
+    assert "same: root A" in esp.stdout
+
+    missing = _compare(one, tmp_path / "nothing.img")
+    assert missing.returncode == 2 and "no such image" in missing.stderr
