@@ -28,14 +28,12 @@ fi
 if (($#)); then  # a file, a test, options: as asked, in one process
   exec .venv/bin/python -m pytest "$@"
 fi
-# The whole suite: the appliance's QEMU tests (one image build, then two emulated boxes, one
-# living test_box.py and one test_update.py: mostly VMs booting and waiting) start first, in
-# the background, on ports of their own; the node's tests run beside them on three workers (a
-# file stays on one worker: its fixtures share peers). Their output follows the node's;
-# either failing fails the run.
+# The whole suite: the appliance's QEMU tests (image build, then one emulated box's life:
+# mostly a VM booting and waiting) start first, in the background; the node's tests run beside
+# them on three workers (a file stays on one worker: its fixtures share peers). Their output
+# follows the node's; either failing fails the run.
 appliance_log=$(mktemp /tmp/clinic-edge-appliance.XXXXXX.log)
-EDGE_TEST_PORT_BLOCK=5 .venv/bin/python -m pytest -n 2 --dist loadfile --durations=0 -p no:cacheprovider \
-  --basetemp=/tmp/clinic-edge-appliance-tmp tests/appliance > "$appliance_log" 2>&1 &
+.venv/bin/python -m pytest --durations=0 -p no:cacheprovider --basetemp=/tmp/clinic-edge-appliance-tmp tests/appliance > "$appliance_log" 2>&1 &
 appliance=$!
 trap 'kill "$appliance" 2>/dev/null || true' EXIT
 node_rc=0

@@ -39,14 +39,11 @@ def free_port() -> int:
 
     ``bind(0)`` hands every process ports from the one ephemeral range, so a port one xdist
     worker freed (a peer between restarts) could be given to another worker's listener; each
-    worker (``PYTEST_XDIST_WORKER`` gwN) has a block of its own instead. A second pytest run
-    beside this one (test.sh's appliance run) starts at ``EDGE_TEST_PORT_BLOCK`` to keep off
-    this one's blocks.
+    worker (``PYTEST_XDIST_WORKER`` gwN) has a block of its own instead.
     """
     global _next_port
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     block = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
-    block += int(os.environ.get("EDGE_TEST_PORT_BLOCK", "0"))
     first = _PORTS_FIRST + (block % 10) * _PORT_BLOCK
     for _ in range(_PORT_BLOCK):
         port = first + _next_port % _PORT_BLOCK

@@ -76,11 +76,10 @@ FIRST_BOOT_TIMEOUT = 1200.0
 REBOOT_TIMEOUT = 900.0
 
 
-def power_cut_seed() -> int:
-    """The seed of this run's power-cut moments: shown in the figures, given back to replay a run."""
+def power_cut_rng() -> random.Random:
     seed = int(os.environ.get("EDGE_POWER_CUT_SEED", str(int(time.time()))))
     print(f"power cuts: EDGE_POWER_CUT_SEED={seed}")
-    return seed
+    return random.Random(seed)
 
 
 @dataclass
@@ -431,11 +430,8 @@ def store(box: Box, files: dict[Path, str], *, cut_after: int | None = None) -> 
 
 
 @contextlib.contextmanager
-def open_box(image: BuiltImage, orthanc: OrthancPeer, proxy: FaultProxy, workdir: Path, *, updates: bool = True) -> Iterator[Box]:
-    """A blank 8 GB card from the image, its DR (a DCMTK echo/store SCP), its sticks; closed at the end.
-
-    ``updates``: also make the next and broken bundles (in the background) for test_update.py.
-    """
+def open_box(image: BuiltImage, orthanc: OrthancPeer, proxy: FaultProxy, workdir: Path) -> Iterator[Box]:
+    """A blank 8 GB card from the image, its DR (a DCMTK echo/store SCP), its sticks; closed at the end."""
     disk = workdir / "card.img"
     subprocess.run(["cp", "--sparse=always", str(image.img), str(disk)], check=True)
     subprocess.run(["truncate", "-s", "+6G", str(disk)], check=True)
@@ -443,17 +439,14 @@ def open_box(image: BuiltImage, orthanc: OrthancPeer, proxy: FaultProxy, workdir
     dr = subprocess.Popen([str(DCMTK / "storescp"), "-aet", DR_AE, str(dr_port)], cwd=workdir,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     vm = ApplianceVM(disk, workdir / "vm", host_services=(proxy.port, dr_port))
-    seed = power_cut_seed()
-    b = Box(workdir, disk, image, orthanc, proxy, dr_port, vm, random.Random(seed))
-    b.figures["power cuts: replay with EDGE_POWER_CUT_SEED"] = str(seed)
+    b = Box(workdir, disk, image, orthanc, proxy, dr_port, vm, power_cut_rng())
     b.bundles = {
         "real": image.update,
         "corrupt": corrupt_bundle(image.update, workdir / "corrupt.update"),
         "truncated": truncated_bundle(image.update, workdir / "truncated.update"),
     }
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    if updates:
-        b.variants = pool.submit(variant_bundles, image.update, image.version, workdir / "variants")
+    b.variants = pool.submit(variant_bundles, image.update, image.version, workdir / "variants")
     try:
         yield b
     finally:

@@ -3,16 +3,12 @@
 The image is built once per run by ``image/build.sh`` (as root, from this machine's apt
 sources): that build is part of what is tested. ``EDGE_APPLIANCE_IMAGE=path/to.img``
 reuses an image already built from the same tree (developers; the .update bundle must
-sit beside it). Run alone, test_box.py and test_update.py live on one box, one after the
-other; test.sh runs them on two xdist workers, a box each (test_update.py provisions and
-first-boots its own), the image built once by whichever worker asks first. Every test here needs root, QEMU, OVMF and ``ip netns``; they are skipped
+sit beside it). Every test here needs root, QEMU, OVMF and ``ip netns``; they are skipped
 with the reason when one is missing, and .ci/run installs all of them.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -26,27 +22,6 @@ from tests.appliance.box import REPO, Box, BuiltImage, open_box
 from tests.appliance.vm import FIGURES, OVMF_CODE
 from tests.peers.fault_proxy import FaultProxy
 from tests.peers.orthanc import OrthancPeer
-
-
-def _merge(figures: dict[str, str]) -> None:
-    """Both boxes' figures under one key each (two first boots: both shown)."""
-    for what, figure in figures.items():
-        if what in FIGURES and figure not in FIGURES[what].split(" | "):
-            FIGURES[what] = f"{FIGURES[what]} | {figure}"
-        else:
-            FIGURES.setdefault(what, figure)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """An xdist worker hands its figures to the controller, which prints them all."""
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:
-        workeroutput["appliance_figures"] = json.dumps(FIGURES)
-
-
-@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without xdist
-def pytest_testnodedown(node: object, error: object) -> None:
-    _merge(json.loads(getattr(node, "workeroutput", {}).get("appliance_figures", "{}")))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -76,36 +51,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def built_image(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> BuiltImage:
+def built_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     given = os.environ.get("EDGE_APPLIANCE_IMAGE")
     if given:
         return BuiltImage(Path(given))
-    # One build for the run: under xdist the workers share the base temp's parent, and the
-    # first to take the lock builds while the other waits for it.
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    out = shared / "image"
-    with open(shared / "image.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        images = sorted(out.glob("clinic-edge-*.img"))
-        if not images:
-            if out.exists():
-                pytest.fail("image/build.sh failed in the other worker: its first test says why")
-            out.mkdir()
-            images = _build(out)
-    assert len(images) == 1, f"expected one image in {out}: {images}"
-    built = BuiltImage(images[0])
-    assert built.update.exists()
-    return built
-
-
-def _build(out: Path) -> list[Path]:
+    out = tmp_path_factory.mktemp("image")
     started = time.monotonic()
     run = subprocess.run([str(REPO / "image/build.sh"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, f"image/build.sh failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
     summary = [line for line in run.stdout.splitlines() if line.startswith("build.sh:")]
     print("\n".join(summary), f"(test's clock: {time.monotonic() - started:.0f} s)")
     FIGURES["image/build.sh (test's clock)"] = f"{time.monotonic() - started:.0f} s; " + "; ".join(summary)
-    return sorted(out.glob("clinic-edge-*.img"))
+    images = sorted(out.glob("clinic-edge-*.img"))
+    assert len(images) == 1, f"expected one image in {out}: {images}"
+    built = BuiltImage(images[0])
+    assert built.update.exists()
+    return built
 
 
 @pytest.fixture(scope="session")
@@ -121,10 +82,8 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancPee
 
 
 @pytest.fixture(scope="session")
-def box(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_path_factory: pytest.TempPathFactory,
-        request: pytest.FixtureRequest) -> Iterator[Box]:
-    """This session's box: test_box.py's life then test_update.py's updates on one card, or either alone."""
+def box(built_image: BuiltImage, cloud: tuple[OrthancPeer, FaultProxy], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
+    """The one box of the run: test_box.py's life, then test_update.py's updates, on the same card."""
     orthanc, proxy = cloud
-    updates = any(item.path.name == "test_update.py" for item in request.session.items)
-    with open_box(built_image, orthanc, proxy, tmp_path_factory.mktemp("box"), updates=updates) as b:
+    with open_box(built_image, orthanc, proxy, tmp_path_factory.mktemp("box")) as b:
         yield b

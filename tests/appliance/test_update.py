@@ -1,7 +1,6 @@
 """A box's updates, under real systemd-boot and systemd in QEMU: refused, cut, good, rolled back.
 
-In order, as a box lives them (on the card test_box.py left when run in one session with it; on a
-card of its own, provisioned and first-booted here, when test.sh runs the two files side by side): a corrupt and a truncated bundle are refused
+In order, on the card test_box.py provisioned, as a box lives them: a corrupt and a truncated bundle are refused
 with the reason and leave the other slot and the ESP as they were; the power goes while an
 update writes the other slot, and the box still boots its old slot; a good update (the
 built root with a new version) reboots the box into the other slot, and status, /healthz
@@ -12,8 +11,8 @@ systemd-boot goes back to the good slot by itself, the failed attempt shown ever
 Bundles reach the box as read-only virtio disks (``/dev/disk/by-id/virtio-<serial>``), as a
 USB stick would: ``edge update`` reads the raw tar from the block device. The good and
 broken bundles are made from the built one (unsquashfs, change, mksquashfs, build.sh's
-manifest and tar), in the background from the start of the run. The clinic's data on the box
-(a study stored before the first update) must come through every update.
+manifest and tar), in the background from the start of the run. The box is the one
+test_box.py lived with (tests/appliance/box.py): its clinic data must come through every update.
 """
 
 from __future__ import annotations
