@@ -48,8 +48,9 @@ def test_images_with_the_orders_accession_arrive_matched_and_others_can_be_assig
     result = storescu(cnode, matched, stray)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    today = wait_until(lambda: (t := client.today())["visits"][str(first)].startswith("received|") and t, 20,
-                       "the visit received on Today", every=0.2)
+    # Matching runs every few seconds: it may look at the two studies in two passes, so wait for both.
+    today = wait_until(lambda: (t := client.today())["visits"][str(first)].startswith("received|")
+                       and t["unmatched"] and t, 20, "the visit received and the stray flagged on Today", every=0.2)
     assert today["visits"][str(first)].startswith("received|0||0|1|")  # 1 instance, waiting to upload (sync off)
     assert _how(cnode, matched_uid) == ("accession", first)
     assert today["unmatched"] == [stray_uid]
@@ -83,7 +84,8 @@ def test_worklist_uid_and_patient_with_date_match_without_an_accession(cnode: Ed
     # Same folder number on another day: not this visit.
     old, uid3 = _dx(tmp_path, "old", PatientID="F-77", StudyDate="20200101")
     assert storescu(cnode, from_worklist, by_hand, old).returncode == 0
-    today = wait_until(lambda: (t := client.today())["unmatched"] and t, 20, "an unmatched study on Today", every=0.2)
+    today = wait_until(lambda: all(_how(cnode, u) for u in (uid1, uid2, uid3)) and client.today(), 20,
+                       "all three studies looked at by matching", every=0.2)
     assert _how(cnode, uid1) == ("study_uid", by_uid)
     assert _how(cnode, uid2) == ("patient_date", by_patient)
     assert today["unmatched"] == [uid3]
